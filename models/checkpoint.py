@@ -1,0 +1,266 @@
+"""Hugging Face checkpoint I/O: config.json plus safetensors (single file or sharded index). Never unpickles.
+
+Two layouts are read and written: `Gemma3nForCausalLM` (text weights under `model.`) and
+`Gemma3nForConditionalGeneration` (text weights under `model.language_model.`, next to the audio and vision towers).
+The text decoder is loaded into our `TextDecoder`; tensors of the other components are carried through unchanged
+so that saving writes the same layout back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from models.config import TextConfig, read_hf_config
+from models.errors import CheckpointError
+from models.text import TextDecoder
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CAUSAL_LM, CONDITIONAL_GENERATION = "Gemma3nForCausalLM", "Gemma3nForConditionalGeneration"
+TEXT_PREFIX = {CAUSAL_LM: "model.", CONDITIONAL_GENERATION: "model.language_model."}
+# Components of the multimodal checkpoint that the text decoder does not own.
+MULTIMODAL_PREFIXES = ("model.audio_tower.", "model.vision_tower.", "model.embed_audio.", "model.embed_vision.")
+# Our parameter names differ from Hugging Face's only here.
+RENAMES = {"per_layer_embedding.weight": "embed_tokens_per_layer.weight"}
+# Older checkpoints (the published ones among them) still carry k/v weights for KV-shared layers, which never use them.
+UNUSED_SHARED_KV = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
+
+
+def layout_of(hf_config: dict) -> str:
+    return CONDITIONAL_GENERATION if hf_config.get("model_type") == "gemma3n" else CAUSAL_LM
+
+
+@dataclass
+class SafetensorsReader:
+    """Lazy access to the tensors of a checkpoint directory: tensors are read one at a time, on request."""
+
+    directory: Path
+    file_of: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, directory: Path) -> "SafetensorsReader":
+        directory = Path(directory)
+        index, single = directory / INDEX_FILE, directory / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            files = set(weight_map.values())
+        elif single.is_file():
+            files, weight_map = {SINGLE_FILE}, None
+        else:
+            pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
+            hint = f" (found {', '.join(sorted(pickles))}: pickle files are never loaded)" if pickles else ""
+            raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        reader = cls(directory)
+        for name in sorted(files):
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in {INDEX_FILE} but missing")
+            for key in reader._keys_of(path):
+                if weight_map is not None and weight_map.get(key) != name:
+                    raise CheckpointError(f"{path}: holds {key}, which {INDEX_FILE} places elsewhere")
+                reader.file_of[key] = name
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(reader.file_of))
+            if missing:
+                raise CheckpointError(f"{directory}: {INDEX_FILE} lists tensors no shard holds: {_few(missing)}")
+        return reader
+
+    @staticmethod
+    def _keys_of(path: Path) -> list[str]:
+        try:
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        with safe_open(self.directory / self.file_of[key], framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def dtype_of(self, key: str) -> str:
+        with safe_open(self.directory / self.file_of[key], framework="pt") as f:
+            return f.get_slice(key).get_dtype()
+
+    def numel(self, key: str) -> int:
+        n = 1
+        for d in self.shape(key):
+            n *= d
+        return n
+
+    def tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        wanted = self.keys() if keys is None else keys
+        by_file: dict[str, list[str]] = {}
+        for key in wanted:
+            by_file.setdefault(self.file_of[key], []).append(key)
+        for name, file_keys in by_file.items():
+            path = self.directory / name
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in file_keys:
+                        yield key, f.get_tensor(key)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: cannot read tensor data ({e})") from None
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def hf_name(ours: str, prefix: str) -> str:
+    return prefix + RENAMES.get(ours, ours)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -> TextDecoder:
+    """Reads a Hugging Face Gemma 3n checkpoint directory into our TextDecoder (eval mode).
+
+    dtype: the parameters' dtype; by default the checkpoint's own. Every text-decoder key must be present with the
+    expected shape, and no unknown key may appear: either is an error that names the keys.
+    """
+    path = Path(path)
+    hf_config = read_hf_config(path)
+    cfg = TextConfig.from_hf_dict(hf_config)
+    layout = layout_of(hf_config)
+    prefix = TEXT_PREFIX[layout]
+    reader = SafetensorsReader.open(path)
+
+    with torch.device("meta"):
+        model = TextDecoder(cfg)
+    expected = {hf_name(k, prefix): (k, tuple(v.shape)) for k, v in model.state_dict().items()}
+
+    carried, unexpected = [], []
+    for key in reader.keys():
+        if key in expected:
+            continue
+        if key == "lm_head.weight":  # tied to the token embedding; the reference ignores the stored copy too
+            continue
+        if layout == CONDITIONAL_GENERATION and key.startswith(MULTIMODAL_PREFIXES):
+            carried.append(key)
+        elif _is_unused_shared_kv(key, prefix, cfg):
+            continue
+        else:
+            unexpected.append(key)
+    missing = sorted(set(expected) - set(reader.keys()))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_few(sorted(unexpected))}")
+        raise CheckpointError(f"{path}: does not match its config.json ({'; '.join(parts)})")
+    for key, (ours, shape) in expected.items():
+        got = reader.shape(key)
+        if got != shape:
+            raise CheckpointError(f"{path}: {key} has shape {list(got)}, config.json implies {list(shape)}")
+
+    if dtype is None:
+        dtype = _torch_dtype(reader.dtype_of(hf_name("embed_tokens.weight", prefix)))
+    state = {expected[k][0]: t.to(dtype) for k, t in reader.tensors(list(expected))}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers()
+    model.hf_config = hf_config
+    model.carried_tensors = {k: t for k, t in reader.tensors(carried)} if carried else {}
+    return model.eval()
+
+
+def _is_unused_shared_kv(key: str, prefix: str, cfg: TextConfig) -> bool:
+    if not key.startswith(prefix + "layers."):
+        return False
+    rest = key[len(prefix + "layers.") :]
+    idx, _, name = rest.partition(".")
+    return idx.isdigit() and cfg.kv_shared_from[int(idx)] is not None and name.startswith(UNUSED_SHARED_KV)
+
+
+def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
+    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    if safetensors_dtype not in table:
+        raise CheckpointError(f"unsupported weight dtype {safetensors_dtype} (F32, BF16 or F16)")
+    return table[safetensors_dtype]
+
+
+def save_pretrained(model: TextDecoder, path: str | os.PathLike, max_shard_bytes: int = 4 << 30) -> None:
+    """Writes `model` in the layout it was loaded from (Gemma3nForCausalLM when it was built from a config)."""
+    hf_config = dict(getattr(model, "hf_config", None) or {"model_type": "gemma3n_text"})
+    layout = layout_of(hf_config)
+    prefix = TEXT_PREFIX[layout]
+    if layout == CONDITIONAL_GENERATION:
+        hf_config["text_config"] = model.config.to_hf_text_dict(hf_config.get("text_config"))
+    else:
+        hf_config = model.config.to_hf_text_dict(hf_config)
+    hf_config["architectures"] = [layout]
+    hf_config["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    tensors = {hf_name(k, prefix): v for k, v in model.state_dict().items()}
+    tensors.update(getattr(model, "carried_tensors", {}))
+    write_checkpoint(path, hf_config, tensors.items(), max_shard_bytes)
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    hf_config: dict,
+    tensors,
+    max_shard_bytes: int = 4 << 30,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
+    """Writes config.json and safetensors shards into a temporary directory, then renames it to `path`, so a failure
+    never leaves a half-written checkpoint. `tensors` is an iterable of (name, tensor) and may be a generator."""
+    path = Path(path)
+    if path.exists():
+        raise CheckpointError(f"{path}: already exists; choose a new output directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        weight_map: dict[str, int] = {}
+        written: list[str] = []
+
+        def flush(shard: dict, number: int) -> None:
+            name = f"shard-{number:05d}.tmp"
+            save_file({k: v.contiguous() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
+            written.append(name)
+
+        for name, tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                flush(shards[-1], len(written) + 1)
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor
+            weight_map[name] = len(shards)
+            size += nbytes
+        flush(shards[-1], len(written) + 1)
+
+        total = len(written)
+        if total == 1:
+            os.replace(tmp / written[0], tmp / SINGLE_FILE)
+        else:
+            names = {i + 1: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)}
+            for i, tmp_name in enumerate(written):
+                os.replace(tmp / tmp_name, tmp / names[i + 1])
+            index = {
+                "metadata": {"total_size": sum((tmp / n).stat().st_size for n in names.values())},
+                "weight_map": {k: names[v] for k, v in sorted(weight_map.items())},
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

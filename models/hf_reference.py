@@ -1,0 +1,97 @@
+"""transformers' Gemma 3n as the ground truth: random checkpoints that transformers itself writes, and its logits.
+
+No weights can be downloaded, so parity is checked on models that transformers builds from a config and saves.
+transformers zero-initialises some parameters (AltUp's correct_output_scale), which would switch the per-layer-input
+path off; `randomise_` gives every parameter a random value so that every path contributes to the logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import CAUSAL_LM, CONDITIONAL_GENERATION
+from models.config import TINY, TextConfig
+from models.default import randomise_
+
+# A narrow MobileNet-V5 keeps multimodal test checkpoints small (7M parameters rather than 300M).
+TEST_VISION_ARGS = {"channel_multiplier": 0.0625}
+TEST_AUDIO = dict(
+    hidden_size=32,
+    conf_num_hidden_layers=1,
+    conf_num_attention_heads=2,
+    sscp_conv_channel_size=[8, 4],
+    conf_attention_chunk_size=4,
+    conf_attention_context_left=5,
+)
+
+
+def hf_config(cfg: TextConfig, layout: str = CAUSAL_LM, vision_args: dict | None = None, audio: dict | None = None):
+    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
+
+    text = Gemma3nTextConfig(**cfg.to_hf_text_dict())
+    if layout == CAUSAL_LM:
+        return text
+    vision = Gemma3nVisionConfig(
+        architecture="mobilenetv5_300m_enc",
+        model_args=TEST_VISION_ARGS if vision_args is None else vision_args,
+        hidden_size=2048,
+    )
+    return Gemma3nConfig(
+        text_config=text,
+        vision_config=vision,
+        audio_config=Gemma3nAudioConfig(**(TEST_AUDIO if audio is None else audio)),
+    )
+
+
+def random_hf_model(cfg: TextConfig = TINY, layout: str = CAUSAL_LM, seed: int = 0, **config_kwargs):
+    from transformers import Gemma3nForCausalLM, Gemma3nForConditionalGeneration
+
+    config = hf_config(cfg, layout, **config_kwargs)
+    config._attn_implementation = "eager"
+    if layout == CAUSAL_LM:
+        model = Gemma3nForCausalLM(config)
+    elif layout == CONDITIONAL_GENERATION:
+        config.text_config._attn_implementation = "eager"
+        model = Gemma3nForConditionalGeneration(config)
+    else:
+        raise ValueError(f"unknown layout {layout}")
+    randomise_(model, seed)
+    return model.eval()
+
+
+def write_random_checkpoint(path: str | Path, cfg: TextConfig = TINY, layout: str = CAUSAL_LM, seed: int = 0, **kw):
+    """Saves a randomised transformers model with transformers' own save_pretrained; returns the model."""
+    model = random_hf_model(cfg, layout, seed, **kw)
+    model.save_pretrained(str(path))
+    return model
+
+
+def load_hf_model(path: str | Path):
+    """Loads a checkpoint directory with transformers (eager attention, fp32)."""
+    import json
+
+    from transformers import Gemma3nForCausalLM, Gemma3nForConditionalGeneration
+
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    cls = Gemma3nForConditionalGeneration if model_type == "gemma3n" else Gemma3nForCausalLM
+    return cls.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_prefill_and_decode(hf_model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """Prefill logits [1, T, V], then `steps` greedy decode steps through transformers' own KV cache.
+    Returns (prefill logits, per-step logits [1, V], greedy tokens)."""
+    out = hf_model(input_ids=prompt, use_cache=True)
+    prefill = out.logits
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    token = int(prefill[0, -1].argmax())
+    tokens, step_logits = [token], []
+    for _ in range(steps):
+        out = hf_model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        step_logits.append(out.logits[:, -1])
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+    return prefill, step_logits, tokens

@@ -1,0 +1,193 @@
+"""g3n: the one command line of gemma3n-mobile.
+
+Every user error (bad path, corrupt file, bad flag value, out-of-range id) ends with one `error:` line on stderr and
+exit code 2; nothing prints a traceback unless G3N_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _add_model_source(p: argparse.ArgumentParser, presets: bool = False) -> None:
+    p.add_argument("--checkpoint", type=Path, help="Hugging Face Gemma 3n checkpoint directory (default: the embedded tiny model)")
+    if presets:
+        p.add_argument("--preset", choices=["e2b", "e4b", "tiny"], help="count a published configuration without weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="g3n", description="Gemma 3n checkpoints to phone bundles.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="model summary and parameter accounting")
+    _add_model_source(p, presets=True)
+    p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+
+    p = sub.add_parser("slice", help="MatFormer: write a nested sub-model as a Hugging Face checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="source checkpoint directory")
+    p.add_argument("--out", type=Path, required=True, help="new checkpoint directory (must not exist)")
+    p.add_argument("--preset", choices=["e2b"], help="the published E2B slice of an E4B checkpoint")
+    p.add_argument("--ffn-widths", help="one FFN width for all kept layers, or one per kept layer: W1,W2,...")
+    p.add_argument("--skip-layers", help="layers to drop: i,j,...")
+
+    p = sub.add_parser("generate", help="greedy generation from token ids with the PyTorch model")
+    _add_model_source(p)
+    p.add_argument("--token-ids", required=True, help="prompt token ids: 2,105,...")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--cache-len", type=int, default=256, help="static KV-cache length")
+
+    p = sub.add_parser("parity", help="our model against transformers on the same weights (max |delta logit|)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint to compare on (default: a random tiny one)")
+    p.add_argument("--prompt-len", type=int, default=24)
+    p.add_argument("--steps", type=int, default=20, help="cached decode steps")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from models.errors import G3nError
+
+    try:
+        return COMMANDS[args.command](args) or 0
+    except G3nError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal failure still gets one line; G3N_DEBUG=1 shows where
+        if os.environ.get("G3N_DEBUG"):
+            raise
+        print(f"error: internal failure: {type(e).__name__}: {e} (rerun with G3N_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+def _load(args):
+    from models import load_pretrained
+    from models.default import default_model
+
+    if args.checkpoint is None:
+        return default_model(), "embedded default (tiny preset, deterministic weights)"
+    return load_pretrained(args.checkpoint, dtype=_float32()), str(args.checkpoint)
+
+
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+def cmd_info(args) -> int:
+    from models.accounting import count_checkpoint, count_config
+    from models.config import PRESETS, TextConfig, read_hf_config
+
+    if args.checkpoint and args.preset:
+        from models.errors import InputError
+
+        raise InputError("give --checkpoint or --preset, not both")
+    if args.checkpoint:
+        cfg = TextConfig.from_hf_dict(read_hf_config(args.checkpoint))
+        counts, source = count_checkpoint(args.checkpoint), str(args.checkpoint)
+        slice_info = read_hf_config(args.checkpoint).get("matformer_slice")
+    else:
+        name = args.preset or "tiny"
+        cfg, source, slice_info = PRESETS[name], f"preset {name}", None
+        counts = count_config(cfg, multimodal=name != "tiny")
+        if name == "tiny":
+            source = "embedded default (tiny preset: every Gemma 3n feature, toy size, no audio/vision yet)"
+    summary = {
+        "source": source,
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "ffn_widths": sorted(set(cfg.ffn_widths)),
+        "kv_shared_layers": cfg.num_kv_shared_layers,
+        "sliding_window": cfg.sliding_window,
+        "vocab_size": cfg.vocab_size,
+        "matformer_slice": slice_info,
+        "parameters": counts.as_dict(),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"# {source}\n")
+    print(
+        f"{cfg.num_layers} layers ({cfg.layer_types.count('full_attention')} global, "
+        f"{cfg.num_kv_shared_layers} KV-shared), hidden {cfg.hidden_size}, FFN widths "
+        f"{min(cfg.ffn_widths)}..{max(cfg.ffn_widths)}, vocab {cfg.vocab_size}, sliding window {cfg.sliding_window}"
+    )
+    if slice_info:
+        print(f"MatFormer slice: {json.dumps(slice_info)}")
+    print()
+    print(counts.markdown())
+    return 0
+
+
+def cmd_slice(args) -> int:
+    from models.errors import InputError
+    from models.matformer import parse_int_list, slice_checkpoint
+
+    if args.preset and (args.ffn_widths or args.skip_layers):
+        raise InputError("give --preset or --ffn-widths/--skip-layers, not both")
+    if not args.preset and not (args.ffn_widths or args.skip_layers):
+        raise InputError("say what to slice: --preset e2b, or --ffn-widths and/or --skip-layers")
+    widths = parse_int_list(args.ffn_widths, "--ffn-widths") if args.ffn_widths else None
+    skip = parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else []
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("slicing tensors", total=None)
+        cfg = slice_checkpoint(
+            args.checkpoint, args.out, widths, skip, args.preset,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    print(f"wrote {args.out}: {cfg.num_layers} layers, FFN widths {list(cfg.ffn_widths)}, "
+          f"{cfg.num_kv_shared_layers} KV-shared")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from models.generate import check_token_ids, prefill_and_decode
+    from models.matformer import parse_int_list
+
+    ids = parse_int_list(args.token_ids, "--token-ids")
+    model, source = _load(args)
+    prompt = torch.tensor([ids], dtype=torch.long)
+    check_token_ids(prompt, model.config.vocab_size)
+    _, _, tokens = prefill_and_decode(model, prompt, args.max_new_tokens, args.cache_len)
+    print(json.dumps({"model": source, "prompt": ids, "greedy_tokens": tokens[: args.max_new_tokens]}))
+    return 0
+
+
+def cmd_parity(args) -> int:
+    import tempfile
+
+    from models.parity import compare_with_transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            from models.hf_reference import write_random_checkpoint
+
+            checkpoint = Path(tmp) / "tiny"
+            write_random_checkpoint(checkpoint)
+        report = compare_with_transformers(checkpoint, args.prompt_len, args.steps)
+    print(json.dumps(report, indent=2))
+    print()
+    print("| check | max abs logit error | greedy tokens equal |")
+    print("| --- | ---: | --- |")
+    print(f"| prefill ({args.prompt_len} tokens) | {report['prefill_max_abs_error']:.3g} | |")
+    print(f"| decode ({args.steps} cached steps) | {report['decode_max_abs_error']:.3g} | "
+          f"{report['greedy_tokens_equal']} |")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "slice": cmd_slice, "generate": cmd_generate, "parity": cmd_parity}
+
+if __name__ == "__main__":
+    sys.exit(main())

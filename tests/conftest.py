@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny checkpoints that transformers itself writes from random init (every parameter randomised)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from models.checkpoint import CAUSAL_LM, CONDITIONAL_GENERATION
+from models.config import E4B, TINY
+from models.hf_reference import write_random_checkpoint
+
+# E4B's layer structure (35 layers, 15 KV-shared, the 4:1 sliding/global pattern, sparsity on the first 10) at toy
+# width, with FFN width a little above E2B's 8192 so that the e2b slice really cuts neurons.
+E4B_SHAPED = replace(
+    TINY,
+    hidden_size=16,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    hidden_size_per_layer_input=4,
+    laurel_rank=4,
+    num_layers=E4B.num_layers,
+    ffn_widths=(8192 + 64,) * E4B.num_layers,
+    layer_types=E4B.layer_types,
+    num_kv_shared_layers=E4B.num_kv_shared_layers,
+    activation_sparsity=E4B.activation_sparsity,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-causal"
+    write_random_checkpoint(path, TINY, CAUSAL_LM, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_multimodal_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-conditional"
+    write_random_checkpoint(path, TINY, CONDITIONAL_GENERATION, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def e4b_shaped_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "e4b-shaped"
+    write_random_checkpoint(path, E4B_SHAPED, CAUSAL_LM, seed=2)
+    return path
