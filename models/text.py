@@ -119,7 +119,9 @@ class Attention(nn.Module):
         mask: Tensor,
         input_pos: Tensor,
         shared_kv: tuple[Tensor, Tensor] | None,
+        past_kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Returns the output and the keys/values attended over ([B, K, S, D]): with a cache, the whole cache."""
         B, T, _ = x.shape
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)), cos, sin)
         if self.kv_shared_from is not None:
@@ -128,7 +130,9 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)), cos, sin)
             v = self.v_norm(self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-            if self.kv_cache is not None:
+            if past_kv is not None:  # the cache as graph input and output (LiteRT style), written out of place
+                k, v = past_kv[0].index_copy(2, input_pos, k), past_kv[1].index_copy(2, input_pos, v)
+            elif self.kv_cache is not None:  # the cache as a mutable buffer (ExecuTorch and Core ML style)
                 k, v = self.kv_cache.update(input_pos, k, v)
         out = grouped_query_attention(q.transpose(1, 2), k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k, v)
@@ -259,12 +263,13 @@ class DecoderLayer(nn.Module):
         mask: Tensor,
         input_pos: Tensor,
         shared_kv: tuple[Tensor, Tensor] | None,
+        past_kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         predictions = self.altup.predict(streams)
         active = predictions[self.active_idx]
         active_normed = self.input_layernorm(active)
         laurel_out = self.laurel(active_normed)
-        attn, kv = self.self_attn(active_normed, cos, sin, mask, input_pos, shared_kv)
+        attn, kv = self.self_attn(active_normed, cos, sin, mask, input_pos, shared_kv, past_kv)
         attn_laurel = (active + self.post_attention_layernorm(attn) + laurel_out) / math.sqrt(2)
         ffw = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(attn_laurel)))
         corrected = self.altup.correct(predictions, attn_laurel + ffw)
@@ -367,16 +372,30 @@ class TextDecoder(nn.Module):
         return (proj + per_layer_rows) * in_dtype(self.per_layer_input_scale, dtype)
 
     def forward_embeddings(
-        self, inputs_embeds: Tensor, per_layer_rows: Tensor, input_pos: Tensor | None = None
-    ) -> Tensor:
-        """inputs_embeds [B, T, H], per_layer_rows [B, T, L, P], input_pos [T] -> logits [B, T, V]."""
+        self,
+        inputs_embeds: Tensor,
+        per_layer_rows: Tensor,
+        input_pos: Tensor | None = None,
+        last_position_only: bool = False,
+        kv_cache: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """inputs_embeds [B, T, H], per_layer_rows [B, T, L, P], input_pos [T] -> logits [B, T, V].
+
+        last_position_only: return logits [B, 1, V] of the last position only. Since KV-shared layers write no cache,
+        the other positions are then dropped before the first of them: in prefill only the last prompt position goes
+        through the upper layers (E2B: 10 of 30 layers), which changes none of the caches or the last logits.
+
+        kv_cache: the cache passed in as tensors, one (k, v) pair [B, K, C, D] per cache-owning layer, instead of the
+        module's buffers; the updated pairs are then returned with the logits: (logits, new kv_cache).
+        """
         cfg = self.config
         T = inputs_embeds.shape[1]
         if input_pos is None:
             input_pos = torch.arange(T, device=inputs_embeds.device)
         per_layer_inputs = self.per_layer_inputs(inputs_embeds, per_layer_rows)
 
-        kv_pos = input_pos if self.cache_len is None else torch.arange(self.cache_len, device=input_pos.device)
+        cache_len = kv_cache[0][0].shape[2] if kv_cache is not None else self.cache_len
+        kv_pos = input_pos if cache_len is None else torch.arange(cache_len, device=input_pos.device)
         masks = {
             GLOBAL: attention_mask(input_pos, kv_pos, None).to(inputs_embeds.dtype),
             SLIDING: attention_mask(input_pos, kv_pos, cfg.sliding_window).to(inputs_embeds.dtype),
@@ -390,15 +409,26 @@ class TextDecoder(nn.Module):
         streams = self.altup_streams(inputs_embeds)
         kv_of_layer: dict[int, tuple[Tensor, Tensor]] = {}
         for i, layer in enumerate(self.layers):
+            if last_position_only and i == cfg.first_kv_shared_layer:
+                streams, per_layer_inputs = streams[:, :, -1:], per_layer_inputs[:, -1:]
+                masks = {k: m[-1:] for k, m in masks.items()}
+                rope = {k: (c[-1:], s[-1:]) for k, (c, s) in rope.items()}
+                input_pos = input_pos[-1:]
             kind = cfg.layer_types[i]
             source = cfg.kv_shared_from[i]
             shared_kv = kv_of_layer[source] if source is not None else None
+            past_kv = kv_cache[i] if kv_cache is not None and source is None else None
             streams, kv = layer(
-                streams, per_layer_inputs[:, :, i, :], *rope[kind], masks[kind], input_pos, shared_kv
+                streams, per_layer_inputs[:, :, i, :], *rope[kind], masks[kind], input_pos, shared_kv, past_kv
             )
             if source is None:
                 kv_of_layer[i] = kv
-        return self.logits(self.altup_merge(streams))
+        if last_position_only and cfg.num_kv_shared_layers == 0:
+            streams = streams[:, :, -1:]
+        logits = self.logits(self.altup_merge(streams))
+        if kv_cache is not None:
+            return logits, [kv_of_layer[i] for i in cfg.cache_owning_layers]
+        return logits
 
     def forward(self, token_ids: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """token_ids [B, T] -> logits [B, T, V]."""

@@ -1,0 +1,81 @@
+"""The export spec: every decision the three targets share, made once.
+
+Each target module (litert, executorch, coreml) reads an ExportSpec; none keeps its own copy of cache length,
+prefill lengths, quantization or PLE storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from models.errors import InputError
+
+TARGETS = ("litert", "executorch", "coreml")
+
+# Quantization schemes by target, named for what they do. Each maps to the target's own recipe or config name.
+QUANT_SCHEMES: dict[str, dict[str, str]] = {
+    "litert": {
+        "none": "",
+        "int8-dynamic": "dynamic_wi8_afp32",  # int8 weights, activations quantized on the fly
+        "int8-weight-only": "weight_only_wi8_afp32",  # int8 weights dequantized to float at run time
+        "int4-blockwise": "dynamic_wi4b32_afp32",  # int4 weights in blocks of 32 (int8 where a dim does not divide)
+    },
+    "executorch": {
+        "none": "",
+        "8da4w": "8da4w",  # int8 dynamic activations, int4 grouped weights (torchao)
+        "8da8w": "8da8w",  # int8 dynamic activations, int8 per-channel weights
+        "int8-weight-only": "int8wo",
+    },
+    "coreml": {
+        "none": "",
+        "int8-per-channel": "linear_quantize_int8_per_channel",
+        "int4-per-block": "linear_quantize_int4_per_block",
+        "palettize-4bit": "palettize_4bit",
+    },
+}
+
+PLE_STORAGE = ("int8", "fp16", "bf16", "fp32")
+COMPONENTS = ("decoder",)  # the vision and audio encoders join in the multimodal exporters issue
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """cache_len: static KV-cache length (the longest prompt plus generated tokens).
+    prefill_lengths: fixed prompt-chunk lengths, one prefill signature/method/function each.
+    quant: a scheme name of QUANT_SCHEMES[target]. ple_storage: how the PLE table is stored in its asset.
+    kv_shared_prefill: run the KV-shared upper layers on the last prompt position only (they write no cache)."""
+
+    target: str
+    cache_len: int = 256
+    prefill_lengths: tuple[int, ...] = (32,)
+    quant: str = "none"
+    ple_storage: str = "int8"
+    components: tuple[str, ...] = COMPONENTS
+    kv_shared_prefill: bool = True
+    block_size: int = 32  # for blockwise/grouped int4 schemes
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise InputError(f"--target: unknown target {self.target!r} ({', '.join(TARGETS)})")
+        schemes = QUANT_SCHEMES[self.target]
+        if self.quant not in schemes:
+            raise InputError(f"--quant: {self.target} has no scheme {self.quant!r} ({', '.join(schemes)})")
+        if self.ple_storage not in PLE_STORAGE:
+            raise InputError(f"--ple-storage: {self.ple_storage!r} is not one of {', '.join(PLE_STORAGE)}")
+        if not self.prefill_lengths or any(t < 1 for t in self.prefill_lengths):
+            raise InputError("prefill lengths must be positive")
+        if max(self.prefill_lengths) > self.cache_len:
+            raise InputError(f"a prefill length ({max(self.prefill_lengths)}) exceeds the cache length ({self.cache_len})")
+        unknown = set(self.components) - set(COMPONENTS)
+        if unknown:
+            raise InputError(f"unknown components {sorted(unknown)} (available: {', '.join(COMPONENTS)})")
+
+    @property
+    def recipe(self) -> str:
+        return QUANT_SCHEMES[self.target][self.quant]
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d
