@@ -1,1 +1,40 @@
-"""Lowering of the models/ definitions to LiteRT, ExecuTorch and Core ML (see the exporters issue)."""
+"""Lowering of the models/ definition to LiteRT, ExecuTorch and Core ML, all from one ExportSpec.
+
+`export(model, spec, out_dir)` writes one target's files into a temporary folder beside `out_dir` and renames it at
+the end, so a failure never leaves a half-written export. Every export also carries the PLE table as its standalone
+memory-mappable asset (per_layer_embeddings.safetensors), and export.json (the spec and every file's size).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from exporters.spec import ExportSpec
+from models.fileio import atomic_directory
+from models.text import TextDecoder
+
+
+def _target_fn(target: str):
+    if target == "litert":
+        from exporters.litert import export_litert
+
+        return export_litert
+    if target == "executorch":
+        from exporters.executorch import export_executorch
+
+        return export_executorch
+    from exporters.coreml import export_coreml
+
+    return export_coreml
+
+
+def export(model: TextDecoder, spec: ExportSpec, out_dir: str | Path, **target_kwargs) -> Path:
+    from exporters.ple import write_ple_asset
+
+    with atomic_directory(out_dir) as tmp:
+        _target_fn(spec.target)(model, spec, tmp, **target_kwargs)
+        write_ple_asset(model, tmp, spec.ple_storage)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "export.json").write_text(json.dumps({"spec": spec.as_dict(), "files": files}, indent=2) + "\n")
+    return Path(out_dir)

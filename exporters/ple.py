@@ -1,4 +1,4 @@
-"""Writes the PLE table of a TextDecoder as its standalone, memory-mappable asset (format: runtime_py/ple.py)."""
+"""Writes the PLE table as its standalone, memory-mappable asset (format and reader: runtime_py/ple.py)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def quantize_rows_int8(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q, scale
 
 
-def write_ple_asset(model: TextDecoder, directory: str | Path, storage: str = "int8") -> Path:
-    """Writes `directory/per_layer_embeddings.safetensors`; returns its path."""
-    cfg = model.config
-    table = model.per_layer_embedding.weight.detach()
+def write_ple_table(
+    table: torch.Tensor, path: str | Path, storage: str, text_vocab_size: int, num_layers: int, embed_scale: float
+) -> Path:
+    """table [V_ple, L * P] (unscaled rows) -> a safetensors PLE asset at `path`."""
     if storage == "int8":
         q, scale = quantize_rows_int8(table)
         tensors = {"weight": q, "scale": scale}
@@ -34,14 +34,27 @@ def write_ple_asset(model: TextDecoder, directory: str | Path, storage: str = "i
     metadata = {
         "format": FORMAT,
         "storage": storage,
-        "vocab_size": str(cfg.vocab_size_per_layer_input),
-        "text_vocab_size": str(cfg.vocab_size),
-        "num_layers": str(cfg.num_layers),
-        "dim": str(cfg.hidden_size_per_layer_input),
-        "embed_scale": repr(model.per_layer_embedding.scale),
+        "vocab_size": str(table.shape[0]),
+        "text_vocab_size": str(text_vocab_size),
+        "num_layers": str(num_layers),
+        "dim": str(table.shape[1] // num_layers),
+        "embed_scale": repr(float(embed_scale)),
     }
-    path = Path(directory) / FILE_NAME
-    tmp = path.with_suffix(".tmp")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+def write_ple_asset(model: TextDecoder, directory: str | Path, storage: str = "int8") -> Path:
+    """Writes `directory/per_layer_embeddings.safetensors` from the model's PLE table; returns its path."""
+    cfg = model.config
+    return write_ple_table(
+        model.per_layer_embedding.weight.detach(),
+        Path(directory) / FILE_NAME,
+        storage,
+        cfg.vocab_size,
+        cfg.num_layers,
+        model.per_layer_embedding.scale,
+    )

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 
 from models.config import TextConfig, read_hf_config
 from models.errors import CheckpointError
+from models.fileio import atomic_directory
 from models.text import TextDecoder
 
 SINGLE_FILE = "model.safetensors"
@@ -218,12 +217,7 @@ def write_checkpoint(
 ) -> None:
     """Writes config.json and safetensors shards into a temporary directory, then renames it to `path`, so a failure
     never leaves a half-written checkpoint. `tensors` is an iterable of (name, tensor) and may be a generator."""
-    path = Path(path)
-    if path.exists():
-        raise CheckpointError(f"{path}: already exists; choose a new output directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         weight_map: dict[str, int] = {}
@@ -260,7 +254,3 @@ def write_checkpoint(
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -40,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--cache-len", type=int, default=256, help="static KV-cache length")
 
+    p = sub.add_parser("export", help="lower the language model to one target (LiteRT, ExecuTorch or Core ML)")
+    _add_model_source(p)
+    p.add_argument("--target", required=True, choices=["litert", "executorch", "coreml"])
+    p.add_argument("--quant", default="none", help="quantization scheme of the target (see README)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
+    p.add_argument("--cache-len", type=int, default=256, help="static KV-cache length")
+    p.add_argument("--prefill-lengths", default="32", help="fixed prefill lengths: T1,T2,...")
+    p.add_argument("--ple-storage", default="int8", help="PLE asset storage: int8, fp16, bf16 or fp32")
+    p.add_argument("--full-prefill", action="store_true",
+                   help="run KV-shared layers on every prompt position (unoptimised; for comparison)")
+
     p = sub.add_parser("parity", help="our model against transformers on the same weights (max |delta logit|)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint to compare on (default: a random tiny one)")
     p.add_argument("--prompt-len", type=int, default=24)
@@ -164,6 +175,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from rich.console import Console
+
+    from exporters import export
+    from exporters.spec import ExportSpec
+    from models.matformer import parse_int_list
+
+    spec = ExportSpec(
+        target=args.target,
+        cache_len=args.cache_len,
+        prefill_lengths=tuple(parse_int_list(args.prefill_lengths, "--prefill-lengths")),
+        quant=args.quant,
+        ple_storage=args.ple_storage,
+        kv_shared_prefill=not args.full_prefill,
+    )
+    model, source = _load(args)
+    with Console(stderr=True).status(f"lowering {source} to {args.target} ({args.quant})"):
+        out = export(model, spec, args.out)
+    manifest = json.loads((out / "export.json").read_text())
+    for name, size in manifest["files"].items():
+        print(f"{size:>12,}  {out / name}")
+    return 0
+
+
 def cmd_parity(args) -> int:
     import tempfile
 
@@ -187,7 +222,13 @@ def cmd_parity(args) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "slice": cmd_slice, "generate": cmd_generate, "parity": cmd_parity}
+COMMANDS = {
+    "info": cmd_info,
+    "slice": cmd_slice,
+    "generate": cmd_generate,
+    "export": cmd_export,
+    "parity": cmd_parity,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ does. Metadata records the storage and the shapes; the header is JSON, never a p
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 
@@ -95,4 +96,8 @@ def _map(path: Path, header: dict, name: str, data_start: int, shape: tuple[int,
     if tuple(info["shape"]) != shape or info["dtype"] not in _NUMPY:
         raise InputError(f"{path}: tensor {name!r} is {info['dtype']}{info['shape']}, expected shape {list(shape)}")
     begin, _ = info["data_offsets"]
-    return np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="r", offset=data_start + begin, shape=shape)
+    array = np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="r", offset=data_start + begin, shape=shape)
+    # Lookups jump between rows far apart: tell the kernel not to read ahead or map neighbouring pages.
+    if hasattr(mmap, "MADV_RANDOM") and isinstance(getattr(array, "_mmap", None), mmap.mmap):
+        array._mmap.madvise(mmap.MADV_RANDOM)
+    return array

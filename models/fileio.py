@@ -1,0 +1,29 @@
+"""Output folders that appear whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from models.errors import InputError
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary folder beside `path` and renames it to `path` when the block succeeds; on any failure the
+    temporary folder is removed, so no half-written output is ever left. `path` must not exist yet."""
+    path = Path(path)
+    if path.exists():
+        raise InputError(f"{path}: already exists; choose a new output directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,80 @@
+"""The PLE asset: written once, memory-mapped, read row by row, equal to the model's own lookup."""
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.ple import write_ple_asset, write_ple_table
+from models.default import default_model
+from models.errors import InputError
+from runtime_py.ple import PleTable
+
+# int8 with per-row scales: each value is off by at most half a step, scale / 2 = max|row| / 254, times sqrt(P).
+INT8_REL_TOL = 1 / 254
+
+
+@pytest.fixture(scope="module")
+def model():
+    return default_model()
+
+
+def _ids(model):
+    # A text id beyond the PLE table (reads row 0, like the model) is included.
+    return torch.tensor([[0, 5, 17, 319, 320, 383]])
+
+
+@pytest.mark.parametrize("storage, tol", [("fp32", 0.0), ("bf16", 2**-8), ("fp16", 2**-11), ("int8", INT8_REL_TOL)])
+def test_rows_equal_the_model_lookup(model, tmp_path, storage, tol):
+    table = PleTable(write_ple_asset(model, tmp_path, storage))
+    ids = _ids(model)
+    expected = model.per_layer_embedding(ids)[0].detach().numpy()
+    got = table.rows(ids[0].numpy())
+    assert got.shape == expected.shape == (6, model.config.num_layers, model.config.hidden_size_per_layer_input)
+    row_max = np.abs(expected).reshape(6, -1).max(axis=1)[:, None, None]
+    assert np.all(np.abs(got - expected) <= tol * row_max + 1e-7)
+    assert table.storage == storage
+
+
+def test_out_of_range_ids_are_rejected(model, tmp_path):
+    table = PleTable(write_ple_asset(model, tmp_path))
+    with pytest.raises(InputError, match="token id 384 is out of range"):
+        table.rows([1, 384])
+    with pytest.raises(InputError, match="token id -1"):
+        table.rows([-1])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_lookup_touches_only_the_rows_in_use(tmp_path):
+    """A 128 MiB int8 table: mapping it and reading 8 rows must not bring the table into memory. Page-cache pages
+    come into the process in folios of up to 2 MiB on current Linux kernels (seen here: 2 MiB per touched row, even
+    with MADV_RANDOM), so the bound is 8 folios plus the scale vector, not 8 rows of 4 KiB."""
+    vocab, width = 32768, 4096
+    table = torch.randint(-100, 100, (vocab, width), dtype=torch.int8).float()
+    path = write_ple_table(table, tmp_path / "big.safetensors", "int8", vocab, 16, 16.0)
+    del table
+    before = _rss_bytes()
+    ple = PleTable(path)
+    rows = ple.rows([1, 999, 5000, 12345, 20000, 25000, 30000, 32767])
+    grown = _rss_bytes() - before
+    assert rows.shape == (8, 16, 256)
+    assert grown <= 8 * (2 << 20) + (4 << 20), f"RSS grew by {grown} bytes for 8 rows of a {vocab * width} byte table"
+
+
+def test_truncated_and_foreign_files_are_refused(model, tmp_path):
+    path = write_ple_asset(model, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated PLE asset"):
+        PleTable(path)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(InputError, match="header is not JSON"):
+        PleTable(path)
+    with pytest.raises(InputError, match="PLE asset missing"):
+        PleTable(tmp_path / "nope.safetensors")
