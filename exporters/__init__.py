@@ -1,8 +1,9 @@
 """Lowering of the models/ definition to LiteRT, ExecuTorch and Core ML, all from one ExportSpec.
 
 `export(model, spec, out_dir)` writes one target's files into a temporary folder beside `out_dir` and renames it at
-the end, so a failure never leaves a half-written export. Every export also carries the PLE table as its standalone
-memory-mappable asset (per_layer_embeddings.safetensors), and export.json (the spec and every file's size).
+the end, so a failure never leaves a half-written export. The PLE table goes where each target reads it: the
+per_layer_embedder section of the .litertlm, the .ptd beside the .pte, and for Core ML the standalone memory-mappable
+asset per_layer_embeddings.safetensors that apps read directly. export.json records the spec and every file's size.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def export(model: TextDecoder, spec: ExportSpec, out_dir: str | Path, **target_k
 
     with atomic_directory(out_dir) as tmp:
         _target_fn(spec.target)(model, spec, tmp, **target_kwargs)
-        write_ple_asset(model, tmp, spec.ple_storage)
+        if spec.target == "coreml":  # LiteRT and ExecuTorch carry the table in their own files (.litertlm, .ptd)
+            write_ple_asset(model, tmp, spec.ple_storage)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / "export.json").write_text(json.dumps({"spec": spec.as_dict(), "files": files}, indent=2) + "\n")
     return Path(out_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.text import TextDecoder
-from runtime_py.ple import FILE_NAME, FORMAT
+from runtime_py.ple import FILE_NAME, FORMAT, METADATA_KEY
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -31,15 +32,17 @@ def write_ple_table(
         tensors = {"weight": q, "scale": scale}
     else:
         tensors = {"weight": table.to(_DTYPES[storage])}
-    metadata = {
+    description = {
         "format": FORMAT,
         "storage": storage,
-        "vocab_size": str(table.shape[0]),
-        "text_vocab_size": str(text_vocab_size),
-        "num_layers": str(num_layers),
-        "dim": str(table.shape[1] // num_layers),
-        "embed_scale": repr(float(embed_scale)),
+        "vocab_size": table.shape[0],
+        "text_vocab_size": text_vocab_size,
+        "num_layers": num_layers,
+        "dim": table.shape[1] // num_layers,
+        "embed_scale": float(embed_scale),
     }
+    # One metadata entry: safetensors writes several in hash order, which would make rebuilds differ byte-wise.
+    metadata = {METADATA_KEY: json.dumps(description, sort_keys=True)}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)

@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g3n", description="Gemma 3n checkpoints to phone bundles.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="model summary and parameter accounting")
+    p = sub.add_parser("info", help="model summary and parameter accounting, or a bundle's manifest summary")
     _add_model_source(p, presets=True)
+    p.add_argument("--bundle", type=Path, help="summarise a bundle's manifest (and verify its files)")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
 
     p = sub.add_parser("slice", help="MatFormer: write a nested sub-model as a Hugging Face checkpoint")
@@ -34,11 +35,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn-widths", help="one FFN width for all kept layers, or one per kept layer: W1,W2,...")
     p.add_argument("--skip-layers", help="layers to drop: i,j,...")
 
-    p = sub.add_parser("generate", help="greedy generation from token ids with the PyTorch model")
+    p = sub.add_parser("generate", help="generate from a bundle on a backend, or from token ids with the PyTorch model")
+    p.add_argument("prompt", nargs="?", help="prompt text (wrapped in the Gemma chat template)")
+    p.add_argument("--bundle", type=Path, help="a bundle folder written by g3n bundle (e.g. out/android)")
+    p.add_argument("--backend", default="torch", help="torch, litert, litertlm, executorch or coreml")
     _add_model_source(p)
-    p.add_argument("--token-ids", required=True, help="prompt token ids: 2,105,...")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--cache-len", type=int, default=256, help="static KV-cache length")
+    p.add_argument("--token-ids", help="prompt token ids instead of text: 2,105,... (greedy, PyTorch model)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--cache-len", type=int, default=256, help="static KV-cache length (without --bundle)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("bundle", help="write app-ready bundles (android, ios, executorch) with manifests")
+    _add_model_source(p)
+    p.add_argument("--targets", default="android,ios,executorch", help="comma-separated: android, ios, executorch")
+    p.add_argument("--quant", default="none", help="none, int8 or int4 (each target's weight scheme; see README)")
+    p.add_argument("--slice", choices=["e2b"], help="MatFormer: bundle the E2B slice of an E4B checkpoint")
+    p.add_argument("--ffn-widths", help="MatFormer Mix-n-Match: FFN width(s) of the kept layers")
+    p.add_argument("--skip-layers", help="MatFormer Mix-n-Match: layers to drop")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.model or tokenizer.json (default: the checkpoint's, "
+                                                  "else the tiny model's)")
+    p.add_argument("--cache-len", type=int, default=256)
+    p.add_argument("--prefill-lengths", default="32")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--zip", action="store_true", help="also write <target>.zip beside each folder")
 
     p = sub.add_parser("export", help="lower the language model to one target (LiteRT, ExecuTorch or Core ML)")
     _add_model_source(p)
@@ -96,6 +118,9 @@ def cmd_info(args) -> int:
     from models.accounting import count_checkpoint, count_config
     from models.config import PRESETS, TextConfig, read_hf_config
 
+    if args.bundle:
+        return _bundle_info(args)
+
     if args.checkpoint and args.preset:
         from models.errors import InputError
 
@@ -137,6 +162,29 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _bundle_info(args) -> int:
+    from runtime_py.manifest import verify_bundle
+
+    m = verify_bundle(args.bundle)
+    if args.json:
+        print(json.dumps({k: m[k] for k in ("target", "runtime", "model", "quantization", "export_spec", "tokenizer",
+                                            "files")}, indent=2))
+        return 0
+    cfg, p = m["model"]["config"], m["model"]["parameters"]
+    print(f"# {args.bundle}: {m['target']} bundle ({m['runtime']}), schema {m['schema_version']}, files verified\n")
+    print(f"model: {m['model']['source']}; {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+          f"vocab {cfg['vocab_size']}, {p['total']:,} parameters; MatFormer slice: {m['model']['matformer_slice']}")
+    print(f"quantization: {m['quantization']['level']} ({m['quantization']['scheme']}); cache {m['export_spec']['cache_len']}, "
+          f"prefill lengths {m['export_spec']['prefill_lengths']}")
+    print(f"tokenizer: {m['tokenizer']['file']} ({m['tokenizer']['vocab_size']} pieces), bos {m['tokenizer']['bos_id']}, "
+          f"stop {m['tokenizer']['stop_ids']}")
+    print(f"golden: {len(m['golden']['prompt_ids'])} prompt tokens -> {m['golden']['greedy_tokens']}\n")
+    print("| file | bytes | sha256 |\n| --- | ---: | --- |")
+    for f in m["files"]:
+        print(f"| {f['path']} | {f['size']:,} | {f['sha256'][:16]}... |")
+    return 0
+
+
 def cmd_slice(args) -> int:
     from models.errors import InputError
     from models.matformer import parse_int_list, slice_checkpoint
@@ -161,6 +209,31 @@ def cmd_slice(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from models.errors import InputError
+
+    if args.token_ids is not None:
+        return _generate_token_ids(args)
+    if args.bundle is None:
+        raise InputError("give --bundle DIR and a prompt (or --token-ids for the PyTorch model)")
+    if args.prompt is None:
+        raise InputError("empty prompt: give the prompt text after the options")
+    import resource
+
+    from runtime_py.engine import open_bundle
+
+    session = open_bundle(args.bundle, args.backend)
+    for piece in session.generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
+    if session.notice:
+        print(session.notice, file=sys.stderr)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"[{args.backend}] {session.timing.line(peak_mb)}", file=sys.stderr)
+    return 0
+
+
+def _generate_token_ids(args) -> int:
     import torch
 
     from models.generate import check_token_ids, prefill_and_decode
@@ -172,6 +245,50 @@ def cmd_generate(args) -> int:
     check_token_ids(prompt, model.config.vocab_size)
     _, _, tokens = prefill_and_decode(model, prompt, args.max_new_tokens, args.cache_len)
     print(json.dumps({"model": source, "prompt": ids, "greedy_tokens": tokens[: args.max_new_tokens]}))
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    import tempfile
+
+    from rich.console import Console
+
+    from exporters.bundle import build_bundles
+    from models import load_pretrained, save_pretrained
+    from models.errors import InputError
+    from models.matformer import parse_int_list, slice_checkpoint
+
+    console = Console(stderr=True)
+    model, source = _load(args)
+    info = {"name": source}
+    tokenizer = args.tokenizer
+    if tokenizer is None and args.checkpoint is not None:
+        found = [args.checkpoint / n for n in ("tokenizer.model", "tokenizer.json") if (args.checkpoint / n).is_file()]
+        tokenizer = found[0] if found else None
+    if args.slice and (args.ffn_widths or args.skip_layers):
+        raise InputError("give --slice or --ffn-widths/--skip-layers, not both")
+    if args.slice or args.ffn_widths or args.skip_layers:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = args.checkpoint
+            if src is None:
+                src = Path(tmp) / "source"
+                save_pretrained(model, src)
+            widths = parse_int_list(args.ffn_widths, "--ffn-widths") if args.ffn_widths else None
+            skip = parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else []
+            slice_checkpoint(src, Path(tmp) / "sliced", widths, skip, args.slice)
+            model = load_pretrained(Path(tmp) / "sliced")
+            info["matformer_slice"] = model.hf_config["matformer_slice"]
+    targets = [t for t in args.targets.split(",") if t]
+    with console.status("building bundles") as status:
+        out = build_bundles(
+            model, args.out, targets, args.quant, tokenizer, args.cache_len,
+            tuple(parse_int_list(args.prefill_lengths, "--prefill-lengths")), info, args.zip,
+            progress=lambda message: status.update(f"building bundles: {message}"),
+        )
+    for target in targets:
+        manifest = json.loads((out / target / "manifest.json").read_text())
+        size = sum(f["size"] for f in manifest["files"])
+        print(f"{out / target}: {len(manifest['files'])} files, {size:,} bytes ({manifest['quantization']['scheme']})")
     return 0
 
 
@@ -191,8 +308,14 @@ def cmd_export(args) -> int:
         kv_shared_prefill=not args.full_prefill,
     )
     model, source = _load(args)
+    kwargs = {}
+    if args.target == "litert":  # the .litertlm carries the tokenizer
+        from runtime_py.engine import DEFAULT_TOKENIZER
+
+        own = args.checkpoint / "tokenizer.model" if args.checkpoint else None
+        kwargs["tokenizer_path"] = own if own is not None and own.is_file() else DEFAULT_TOKENIZER
     with Console(stderr=True).status(f"lowering {source} to {args.target} ({args.quant})"):
-        out = export(model, spec, args.out)
+        out = export(model, spec, args.out, **kwargs)
     manifest = json.loads((out / "export.json").read_text())
     for name, size in manifest["files"].items():
         print(f"{size:>12,}  {out / name}")
@@ -227,6 +350,7 @@ COMMANDS = {
     "slice": cmd_slice,
     "generate": cmd_generate,
     "export": cmd_export,
+    "bundle": cmd_bundle,
     "parity": cmd_parity,
 }
 

@@ -7,19 +7,12 @@ from pathlib import Path
 import torch
 
 from models.errors import InputError
+from runtime_py.components.stop import stop_ids_for
 from runtime_py.components.tokenizer import Tokenizer
 from runtime_py.executors import BACKENDS
 from runtime_py.session import Session
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "assets" / "tokenizer.model"
-
-
-def _stop_ids(model_config, tokenizer: Tokenizer) -> list[int]:
-    ids = list(model_config.eos_token_ids)
-    end_of_turn = tokenizer.token_id("<end_of_turn>")
-    if end_of_turn is not None:
-        ids.append(end_of_turn)
-    return sorted(set(ids))
 
 
 def session_for_model(model, tokenizer_path=DEFAULT_TOKENIZER, cache_len: int = 256,
@@ -37,9 +30,57 @@ def session_for_model(model, tokenizer_path=DEFAULT_TOKENIZER, cache_len: int = 
         with torch.no_grad():
             return model.per_layer_embedding(torch.as_tensor(ids)[None])[0].numpy()
 
-    return Session(executor, tokenizer, per_layer_rows, cfg.bos_token_id, _stop_ids(cfg, tokenizer), cfg.vocab_size)
+    return Session(executor, tokenizer, per_layer_rows, cfg.bos_token_id, stop_ids_for(cfg.eos_token_ids, tokenizer), cfg.vocab_size)
 
 
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise InputError(f"--backend: unknown backend {backend!r} ({', '.join(BACKENDS)})")
+
+
+# Which bundle target each backend runs.
+BACKEND_TARGETS = {"torch": None, "litert": "android", "litertlm": "android", "executorch": "executorch",
+                   "coreml": "ios"}
+
+
+def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2):
+    """Verifies the bundle (every file's size and sha256), then returns a session on `backend`. The torch backend
+    runs the float reference checkpoint beside the bundle (../reference), checked against the manifest too."""
+    from runtime_py.manifest import verify_bundle
+
+    check_backend(backend)
+    path = Path(path)
+    manifest = verify_bundle(path)
+    needed = BACKEND_TARGETS[backend]
+    if needed is not None and manifest["target"] != needed:
+        raise InputError(f"--backend {backend} runs {needed} bundles; {path} is a {manifest['target']} bundle")
+    spec = manifest["export_spec"]
+    cache_len, prefill_lengths = spec["cache_len"], tuple(spec["prefill_lengths"])
+    tokenizer = Tokenizer(path / manifest["tokenizer"]["file"])
+    stop_ids, bos_id = manifest["tokenizer"]["stop_ids"], manifest["tokenizer"]["bos_id"]
+    vocab_size = manifest["model"]["config"]["vocab_size"]
+    if backend == "torch":
+        model = _reference_model(path, manifest)
+        session = session_for_model(model, tokenizer.path, cache_len, prefill_lengths)
+        session.stop_ids = stop_ids
+        return session
+    if backend == "litertlm":  # Google's engine tokenizes, samples and stops by itself
+        from runtime_py.executors.litert_executor import LitertLmSession
+
+        return LitertLmSession(path / "model.litertlm", cache_len, threads)
+    from runtime_py.executors import load_executor
+
+    executor, per_layer_rows = load_executor(backend, path, manifest, threads)
+    return Session(executor, tokenizer, per_layer_rows, bos_id, stop_ids, vocab_size)
+
+
+def _reference_model(bundle: Path, manifest: dict):
+    from models.checkpoint import load_pretrained
+    from runtime_py.manifest import sha256_of
+
+    ref = (bundle / manifest["reference"]["path"]).resolve()
+    for entry in manifest["reference"]["files"]:
+        file = ref / entry["path"]
+        if not file.is_file() or file.stat().st_size != entry["size"] or sha256_of(file) != entry["sha256"]:
+            raise InputError(f"{file}: the torch backend's reference checkpoint is missing or differs from the manifest")
+    return load_pretrained(ref, dtype=torch.float32)

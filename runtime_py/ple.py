@@ -5,7 +5,7 @@ and copy out only the rows of the tokens in use, then feed them to the decoder g
 
 Layout: tensor `weight` [V_ple, L * P] (int8, fp16, bf16 or fp32) and, for int8, `scale` [V_ple] fp32 with
 row = weight[id] * scale[id] (symmetric, per row). The reader multiplies by `embed_scale` (sqrt(P)), as the model
-does. Metadata records the storage and the shapes; the header is JSON, never a pickle.
+does. Metadata (one JSON entry) records the storage and the shapes; the header is JSON, never a pickle.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from models.errors import InputError
 
 FORMAT = "gemma3n-ple/1"
+METADATA_KEY = "gemma3n_ple"
 FILE_NAME = "per_layer_embeddings.safetensors"
 _NUMPY = {"I8": np.int8, "F16": np.float16, "F32": np.float32, "BF16": np.uint16}
 
@@ -30,7 +31,10 @@ class PleTable:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         header, data_start = _read_header(self.path)
-        meta = header.pop("__metadata__", {}) or {}
+        try:
+            meta = json.loads((header.pop("__metadata__", None) or {}).get(METADATA_KEY, "{}"))
+        except json.JSONDecodeError:
+            meta = {}
         if meta.get("format") != FORMAT:
             raise InputError(f"{self.path}: not a PLE asset (metadata format {meta.get('format')!r}, expected {FORMAT})")
         try:

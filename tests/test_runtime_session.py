@@ -58,6 +58,17 @@ def test_chat_template_is_gemmas():
                     "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
 
 
+def test_jinja_template_renders_the_same_text():
+    import jinja2
+
+    from runtime_py.components.chat_template import JINJA
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    jinja = jinja2.Environment().from_string(JINJA).render(messages=messages, bos_token="", add_generation_prompt=True)
+    assert jinja == render(messages)
+
+
 def test_text_streams_decode_to_the_token_stream(model):
     session = session_for_model(model)
     pieces = list(session.generate("Write a short story.", max_new_tokens=10))

@@ -2,8 +2,8 @@
 
 Run `python models/assets/make_tokenizer.py`. Training is deterministic (one thread, no sampling or shuffling of
 the fixed corpus below), so the file only changes when this script does. Ids: <pad>=0, <eos>=1, <bos>=2, <unk>=3
-(Gemma's order), then the chat markers <start_of_turn>=4 and <end_of_turn>=5 as user-defined pieces that the
-tokenizer never splits, then 378 BPE pieces.
+(Gemma's order), then the chat markers <start_of_turn>=4 and <end_of_turn>=5 and the newline (6) as user-defined
+pieces that the tokenizer never splits, then 377 BPE pieces.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import sentencepiece as spm
 
 VOCAB_SIZE = 384  # models.config.TINY.vocab_size
 CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>")
+# The chat template puts a newline after each role name; as its own piece it survives encode/decode.
+NEWLINE = "\n"
 PATH = Path(__file__).with_name("tokenizer.model")
 
 CORPUS = """\
@@ -57,7 +59,9 @@ def train() -> bytes:
         eos_piece="<eos>",
         bos_piece="<bos>",
         unk_piece="<unk>",
-        user_defined_symbols=list(CHAT_MARKERS),
+        user_defined_symbols=[*CHAT_MARKERS, NEWLINE],
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,  # as Gemma's tokenizer: no space is invented before the text
         character_coverage=1.0,
         normalization_rule_name="identity",  # no NFKC table: keeps the file a few KiB
         num_threads=1,

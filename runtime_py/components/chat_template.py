@@ -21,9 +21,25 @@ def render(messages: list[dict]) -> str:
         role = {"assistant": "model"}.get(m.get("role"), m.get("role"))
         if role not in ("user", "model"):
             raise InputError(f"message {i}: role {m.get('role')!r} is not user, model, assistant or system")
-        content = str(m.get("content", ""))
-        if i == 0 and system:
-            content = system + content
-        out.append(f"<start_of_turn>{role}\n{content.strip()}<end_of_turn>\n")
+        content = (system if i == 0 else "") + str(m.get("content", "")).strip()
+        out.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
     out.append("<start_of_turn>model\n")
     return "".join(out)
+
+
+
+# The same template in Jinja (Gemma's published template), written into every bundle for apps and HF tooling.
+JINJA = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") + message['content'] | trim + '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}
+"""

@@ -1,0 +1,153 @@
+"""Bundles of the embedded default model: every target opens and generates, every float backend gives the torch
+backend's greedy tokens, rebuilds are byte-identical, and bad bundles or inputs get one clear error line."""
+
+import hashlib
+import json
+import shutil
+import sys
+
+import pytest
+
+from exporters.bundle import build_bundles
+from models.default import default_model
+from models.errors import InputError
+from runtime_py.cli import main
+from runtime_py.engine import open_bundle
+
+PROMPT = "Write a short story about a robot."
+TARGET_BACKENDS = {"android": ["litert", "litertlm"], "executorch": ["executorch"], "ios": []}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    return build_bundles(default_model(), tmp_path_factory.mktemp("b") / "out", list(TARGET_BACKENDS),
+                         cache_len=96, prefill_lengths=(16,), make_zip=True)
+
+
+def _greedy(bundle, backend, n=12):
+    session = open_bundle(bundle, backend)
+    session.stop_ids = []  # compare the raw greedy streams, however soon a random model says <end_of_turn>
+    return list(session.generate_ids(PROMPT, max_new_tokens=n))
+
+
+def _text(bundle, backend, n=12):
+    return "".join(open_bundle(bundle, backend).generate(PROMPT, max_new_tokens=n))
+
+
+@pytest.mark.parametrize("target", list(TARGET_BACKENDS))
+def test_every_float_backend_gives_the_torch_tokens(bundles, target):
+    reference = _greedy(bundles / target, "torch")
+    assert len(reference) == 12
+    for backend in TARGET_BACKENDS[target]:
+        if backend == "litertlm":  # Google's engine returns text and stops at stop tokens by itself
+            assert _text(bundles / target, backend) == _text(bundles / target, "torch")
+        else:
+            assert _greedy(bundles / target, backend) == reference, backend
+
+
+def test_golden_vectors_are_the_torch_backends_output(bundles):
+    manifest = json.loads((bundles / "executorch" / "manifest.json").read_text())
+    session = open_bundle(bundles / "executorch", "torch")
+    session.stop_ids = []
+    tokens = list(session.generate_ids(manifest["golden"]["prompt_ids"], max_new_tokens=9))
+    assert tokens == manifest["golden"]["greedy_tokens"]
+
+
+def _digests(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.heavy
+def test_rebuilds_are_byte_identical(bundles, tmp_path):
+    again = build_bundles(default_model(), tmp_path / "again", list(TARGET_BACKENDS), cache_len=96,
+                          prefill_lengths=(16,), make_zip=True)
+    first, second = _digests(bundles), _digests(again)
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []
+
+
+def test_a_failed_build_leaves_nothing(tmp_path):
+    with pytest.raises(InputError, match="exceeds the cache length"):
+        build_bundles(default_model(), tmp_path / "out", ["executorch"], cache_len=8, prefill_lengths=(16,))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    return code, err
+
+
+def _assert_one_error(code, err, fragment):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+
+
+def _copy(bundles, tmp_path, target="executorch"):
+    dst = tmp_path / "copy"
+    shutil.copytree(bundles, dst)
+    return dst / target
+
+
+def test_tampered_file_is_named(bundles, tmp_path, capsys):
+    bundle = _copy(bundles, tmp_path)
+    with open(bundle / "chat_template.jinja", "a") as f:
+        f.write(" ")
+    code, err = _cli(capsys, "generate", "--bundle", bundle, "hi")
+    _assert_one_error(code, err, "chat_template.jinja")
+
+
+def test_same_size_modification_is_caught_by_sha256(bundles, tmp_path, capsys):
+    bundle = _copy(bundles, tmp_path)
+    data = bytearray((bundle / "golden.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bundle / "golden.safetensors").write_bytes(bytes(data))
+    code, err = _cli(capsys, "generate", "--bundle", bundle, "hi")
+    _assert_one_error(code, err, "sha256 differs")
+
+
+def test_missing_and_truncated_files(bundles, tmp_path, capsys):
+    bundle = _copy(bundles, tmp_path, "ios")
+    ple = bundle / "per_layer_embeddings.safetensors"
+    ple.write_bytes(ple.read_bytes()[:1000])
+    code, err = _cli(capsys, "info", "--bundle", bundle)
+    _assert_one_error(code, err, "per_layer_embeddings.safetensors: 1000 bytes")
+    (bundle / "tokenizer.model").unlink()
+    ple.unlink()
+    code, err = _cli(capsys, "info", "--bundle", bundle)
+    _assert_one_error(code, err, "missing")
+
+
+def test_unknown_schema_version(bundles, tmp_path, capsys):
+    bundle = _copy(bundles, tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _cli(capsys, "generate", "--bundle", bundle, "hi")
+    _assert_one_error(code, err, "schema_version 99 is not supported")
+
+
+def test_bad_prompts_and_backends(bundles, capsys):
+    code, err = _cli(capsys, "generate", "--bundle", bundles / "executorch", "   ")
+    _assert_one_error(code, err, "empty prompt")
+    code, err = _cli(capsys, "generate", "--bundle", bundles / "executorch", "--backend", "tpu", "hi")
+    _assert_one_error(code, err, "unknown backend 'tpu'")
+    code, err = _cli(capsys, "generate", "--bundle", bundles / "executorch", "--backend", "litert", "hi")
+    _assert_one_error(code, err, "runs android bundles")
+    code, err = _cli(capsys, "generate", "--checkpoint", bundles / "reference", "--token-ids", "2,384")
+    _assert_one_error(code, err, "token id 384 is out of range")
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="checks the message Linux users get")
+def test_coreml_backend_says_it_needs_macos(bundles, capsys):
+    code, err = _cli(capsys, "generate", "--bundle", bundles / "ios", "--backend", "coreml", "hi")
+    _assert_one_error(code, err, "macOS")
+
+
+def test_generate_prints_text_and_a_timing_line(bundles, capsys):
+    code = main(["generate", "--bundle", str(bundles / "executorch"), "--backend", "executorch",
+                 "--max-new-tokens", "5", PROMPT])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.strip()
+    assert "ttft" in err and "prefill" in err and "decode" in err and "peak RSS" in err

@@ -1,0 +1,145 @@
+"""The LiteRT target against three references: our eager model, transformers, and Google's LiteRT-LM engine.
+
+One float export of the tiny random checkpoint (cache 64, prefill_8 + decode; about two minutes of conversion on
+2 cores) serves every test; the int8 variant re-quantizes its decoder rather than converting again.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+from exporters import litert
+from exporters.spec import ExportSpec
+from models import load_pretrained
+from models.generate import prefill_and_decode
+from models.hf_reference import hf_prefill_and_decode, load_hf_model
+
+TOKENIZER = "models/assets/tokenizer.model"
+CACHE_LEN, PREFILL_LEN, NEW_TOKENS = 64, 8, 32
+# 14 tokens with BOS: the engine prefills 13 of them as prefill_8 + a padded prefill_8 chunk (it holds the last
+# prompt token back for the first decode step), so the padding path is exercised.
+PROMPT = "The train leaves the station at seven"
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    model = load_pretrained(tiny_checkpoint, dtype=torch.float32)
+    spec = ExportSpec("litert", cache_len=CACHE_LEN, prefill_lengths=(PREFILL_LEN,), ple_storage="fp32")
+    out = tmp_path_factory.mktemp("litert")
+    return model, litert.export_litert(model, spec, out, TOKENIZER)
+
+
+def prompt_ids(model) -> list[int]:
+    return [model.config.bos_token_id] + spm.SentencePieceProcessor(model_file=TOKENIZER).encode(PROMPT)
+
+
+def test_writes_the_bundle_and_nothing_half_done(exported):
+    _, path = exported
+    assert path.name == "model.litertlm" and path.read_bytes()[:8] == b"LITERTLM"
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert names == sorted([litert.DECODER_FILE, litert.EMBEDDER_FILE, litert.PER_LAYER_EMBEDDER_FILE, path.name])
+
+
+def test_litert_lm_engine_generates_the_same_tokens_as_eager_and_transformers(exported, tiny_checkpoint):
+    """The engine's Python API returns text, not ids, so its 32 greedy tokens are compared as text against the
+    detokenized ids of the references; the references' ids are compared with each other exactly."""
+    import litert_lm
+
+    model, path = exported
+    ids = torch.tensor([prompt_ids(model)])
+    _, _, eager_tokens = prefill_and_decode(model, ids, NEW_TOKENS - 1, CACHE_LEN)
+    _, _, hf_tokens = hf_prefill_and_decode(load_hf_model(tiny_checkpoint), ids, NEW_TOKENS - 1)
+    assert eager_tokens == hf_tokens[:NEW_TOKENS]
+    # The engine stops at <eos> or <end_of_turn>; this prompt's 32 greedy tokens contain neither.
+    assert not {1, 5} & set(eager_tokens)
+
+    engine = litert_lm.Engine(
+        str(path), backend=litert_lm.Backend.CPU(thread_count=2), activation_data_type=litert_lm.ActivationDataType.FLOAT32
+    )
+    session = engine.create_session(
+        apply_prompt_template=False, sampler_config=litert_lm.SamplerConfig(top_k=1), max_output_tokens=NEW_TOKENS
+    )
+    session.run_prefill([PROMPT])  # the engine tokenizes and prepends BOS (the metadata's start token) itself
+    text = session.run_decode().texts[0]
+    expected = spm.SentencePieceProcessor(model_file=TOKENIZER).decode(eager_tokens)
+    assert text == expected
+
+
+class Decoder:
+    """The decoder .tflite run signature by signature, its KV cache carried between calls as numpy arrays."""
+
+    def __init__(self, path, model):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=2)
+        self.model = model
+        self.cache = {
+            k: v.numpy() for k, v in litert.decoder_sample_inputs(model, 1, CACHE_LEN).items() if k.startswith("kv_")
+        }
+
+    def __call__(self, signature: str, ids: list[int], start: int) -> np.ndarray:
+        t = torch.tensor([ids])
+        inputs = {
+            "embeddings": self.model.embed(t).numpy(),
+            "per_layer_embeddings": self.model.per_layer_embedding(t).numpy(),
+            "input_pos": np.arange(start, start + len(ids), dtype=np.int32),
+            "mask": np.zeros((1, 1, len(ids), CACHE_LEN), np.float32),  # not read by the graph (see LiteRtLmDecoder)
+        }
+        out = self.interpreter.get_signature_runner(signature)(**inputs, **self.cache)
+        self.cache = {k: out[k] for k in self.cache}
+        return out["logits"]
+
+
+@torch.no_grad()
+def logit_errors(decoder_path, model, steps: int = 4) -> list[float]:
+    """Max |delta logit| of the prefill (last position) and of `steps` decode steps fed the eager greedy tokens."""
+    ids = prompt_ids(model)[:PREFILL_LEN]
+    prefill, step_logits, tokens = prefill_and_decode(model, torch.tensor([ids]), steps, CACHE_LEN)
+    run = Decoder(decoder_path, model)
+    errors = [float(np.abs(run(f"prefill_{PREFILL_LEN}", ids, 0)[0, -1] - prefill[0, -1].numpy()).max())]
+    for i, eager in enumerate(step_logits):
+        got = run("decode", [tokens[i]], PREFILL_LEN + i)
+        errors.append(float(np.abs(got[0, -1] - eager[0].numpy()).max()))
+    return errors
+
+
+def test_decoder_signatures_match_eager_logits(exported):
+    model, path = exported
+    # Same float32 arithmetic in a different op order (XNNPACK): observed ~1e-6 on logits of size ~4.
+    assert max(logit_errors(path.parent / litert.DECODER_FILE, model)) <= 1e-4
+
+
+def int8_weights(model):
+    """The reference for int8: the eager model with every matmul weight rounded to symmetric per-channel int8, the
+    scheme the recipe applies (the activations' dynamic int8 rounding comes on top)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for w in [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.embed_tokens.weight]:
+            scale = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+            w.copy_(torch.round(w / scale).clamp(-127, 127) * scale)
+    return model
+
+
+@torch.no_grad()
+def test_int8_dynamic_decoder_errs_no_more_than_int8_weights_do(exported, tmp_path):
+    model, path = exported
+    decoder = shutil.copy(path.parent / litert.DECODER_FILE, tmp_path / "int8.tflite")
+    litert.quantize(decoder, ExportSpec("litert", quant="int8-dynamic").recipe)
+    steps = 4
+    errors = logit_errors(decoder, model, steps)
+
+    ids = prompt_ids(model)[:PREFILL_LEN]
+    _, _, tokens = prefill_and_decode(model, torch.tensor([ids]), steps, CACHE_LEN)
+    sequence = torch.tensor([ids + tokens[:steps]])
+    positions = slice(PREFILL_LEN - 1, PREFILL_LEN + steps)
+    weight_rounding = (int8_weights(model)(sequence) - model(sequence))[0, positions].abs().max().item()
+    # The random tiny model is sensitive to int8 weights (the eager rounding alone moves its logits, of size ~4, by
+    # ~0.6; measured int8-dynamic: ~0.4). A correct lowering errs by about as much as that rounding, not more;
+    # 1.5x leaves room for the dynamic activation rounding. A wrong scale or layout would err by O(logits).
+    assert 0 < max(errors) <= 1.5 * weight_rounding
