@@ -13,10 +13,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-# The main job on the embedded default model (tiny Gemma 3n, deterministic random weights: the tokens mean nothing).
+# The main job on the embedded default model (tiny Gemma 3n, deterministic random weights: the text means nothing,
+# but every backend prints the same text).
 run: install
-	$(BIN)/g3n info
-	$(BIN)/g3n generate --token-ids 2,105,200,107 --max-new-tokens 12
+	rm -rf out/default
+	$(BIN)/g3n bundle --out out/default
+	$(BIN)/g3n generate --bundle out/default/android --backend litertlm "Write a short story about a robot."
+	$(BIN)/g3n generate --bundle out/default/executorch --backend executorch "Write a short story about a robot."
 
 test: install
 	$(BIN)/python -m pytest -q

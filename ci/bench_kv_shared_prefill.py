@@ -31,25 +31,28 @@ E2B_SHAPED = replace(
     E2B,
     vocab_size=4096,
     vocab_size_per_layer_input=4096,
-    hidden_size=512,
-    hidden_size_per_layer_input=64,
-    ffn_widths=(2048,) * 30,
+    hidden_size=256,
+    hidden_size_per_layer_input=32,
+    ffn_widths=(1024,) * 30,
     num_heads=4,
     num_kv_heads=1,
-    head_dim=128,
+    head_dim=64,
     laurel_rank=32,
     sliding_window=128,
 )
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _median_seconds(fns: dict, repeats: int) -> dict:
+    """Median wall time of each function, the functions run alternately so that load on the machine hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {key: [] for key in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    return {key: statistics.median(ts) for key, ts in times.items()}
 
 
 def bench_torch(model, ids, repeats):
@@ -57,28 +60,41 @@ def bench_torch(model, ids, repeats):
     args = (model.embed(ids), model.per_layer_embedding(ids), torch.arange(ids.shape[1]))
 
     def run(last_only):
-        with torch.no_grad():
-            return lambda: model.forward_embeddings(*args, last_position_only=last_only)
+        def prefill():
+            with torch.no_grad():
+                model.forward_embeddings(*args, last_position_only=last_only)
 
-    return {last: _median_seconds(run(last), repeats) for last in (False, True)}
+        return prefill
+
+    return _median_seconds({last: run(last) for last in (False, True)}, repeats)
 
 
 def bench_exported(target, model, ids, repeats):
-    """Both prefill graphs exported by the target's exporter and run in the target's own runtime."""
-    from runtime_py.exported_prefill import load_prefill_runner
-
+    """Both prefill graphs exported by the target's exporter and run by the runtime's executor for that target."""
     from exporters import export
     from exporters.spec import ExportSpec
+    from runtime_py.engine import DEFAULT_TOKENIZER
 
     T = ids.shape[1]
-    out = {}
+    embeds, rows = model.embed(ids).detach().numpy(), model.per_layer_embedding(ids).detach().numpy()
+    executors = {}
     with tempfile.TemporaryDirectory() as tmp:
         for last in (False, True):
             spec = ExportSpec(target=target, cache_len=T, prefill_lengths=(T,), kv_shared_prefill=last)
-            path = export(model, spec, Path(tmp) / f"{target}-{last}")
-            runner = load_prefill_runner(target, path, model, T)
-            out[last] = _median_seconds(lambda: runner(ids), repeats)
-    return out
+            folder = Path(tmp) / f"{target}-{last}"
+            if target == "litert":
+                from runtime_py.executors.litert_executor import LiteRtExecutor
+
+                export(model, spec, folder, tokenizer_path=DEFAULT_TOKENIZER)
+                executor = LiteRtExecutor(folder / "model.litertlm", T, (T,))
+            else:
+                from runtime_py.executors.executorch_executor import ExecuTorchExecutor
+
+                export(model, spec, folder)
+                executor = ExecuTorchExecutor(folder / "model.pte", next(folder.glob("*.ptd")), T, (T,))
+            executors[last] = executor
+        return _median_seconds({last: (lambda e=e: e.prefill(embeds, rows, 0)) for last, e in executors.items()},
+                               repeats)
 
 
 def main() -> int:

@@ -34,7 +34,13 @@ def export(model: TextDecoder, spec: ExportSpec, out_dir: str | Path, **target_k
     from exporters.ple import write_ple_asset
 
     with atomic_directory(out_dir) as tmp:
-        _target_fn(spec.target)(model, spec, tmp, **target_kwargs)
+        if spec.target == "executorch":  # it writes a folder of its own: move its files up
+            _target_fn(spec.target)(model, spec, tmp / "executorch", **target_kwargs)
+            for file in (tmp / "executorch").iterdir():
+                file.rename(tmp / file.name)
+            (tmp / "executorch").rmdir()
+        else:
+            _target_fn(spec.target)(model, spec, tmp, **target_kwargs)
         if spec.target == "coreml":  # LiteRT and ExecuTorch carry the table in their own files (.litertlm, .ptd)
             write_ple_asset(model, tmp, spec.ple_storage)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}

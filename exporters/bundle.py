@@ -37,10 +37,11 @@ from runtime_py.components.tokenizer import Tokenizer
 from runtime_py.manifest import MANIFEST, SCHEMA_VERSION, file_entries
 
 TARGETS = {"android": "litert", "ios": "coreml", "executorch": "executorch"}
-# `--quant` levels and the scheme each target uses for them (weight quantization in all three).
+# `--quant` levels and the scheme each target uses for them.
 QUANT_LEVELS = {
     "none": {"litert": "none", "executorch": "none", "coreml": "none"},
-    "int8": {"litert": "int8-weight-only", "executorch": "int8-weight-only", "coreml": "int8-per-channel"},
+    # ExecuTorch 1.5 cannot lower torchao's int8 weight-only linears (no kernel for dequantize_affine): 8da8w instead.
+    "int8": {"litert": "int8-weight-only", "executorch": "8da8w", "coreml": "int8-per-channel"},
     "int4": {"litert": "int4-blockwise", "executorch": "8da4w", "coreml": "int4-per-block"},
 }
 GOLDEN_PROMPT = "Write a short story about a robot who learns to cook."

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from models.errors import CheckpointError
@@ -199,18 +198,9 @@ def _rope_thetas(t: dict) -> tuple[float, float]:
 
 
 def read_hf_config(checkpoint_dir: Path) -> dict:
-    path = Path(checkpoint_dir) / "config.json"
-    if not Path(checkpoint_dir).is_dir():
-        raise CheckpointError(f"{checkpoint_dir}: no such checkpoint directory")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a Hugging Face checkpoint needs config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return raw
+    from models.fileio import read_json_object
+
+    return read_json_object(checkpoint_dir, "config.json", "checkpoint", "a Hugging Face checkpoint needs config.json")
 
 
 def _pattern(n: int) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import TEXT_PREFIX, SafetensorsReader, layout_of, write_checkpoint
-from models.config import E2B, E4B, TextConfig, read_hf_config
+from models.config import E4B, TextConfig, read_hf_config
 from models.errors import CheckpointError, InputError
 
 # The published E2B: every layer at width 8192, layers 20-24 of E4B's 35 dropped.

@@ -7,10 +7,10 @@ truncated or removed, naming the file, and a manifest of an unknown schema versi
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from models.errors import InputError
+from models.fileio import read_json_object
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -36,16 +36,8 @@ def file_entries(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> list[dic
 
 
 def read_manifest(bundle: Path) -> dict:
-    bundle = Path(bundle)
-    path = bundle / MANIFEST
-    if not bundle.is_dir():
-        raise InputError(f"{bundle}: no such bundle directory")
-    if not path.is_file():
-        raise InputError(f"{path}: missing (not a gemma3n-mobile bundle)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    path = Path(bundle) / MANIFEST
+    manifest = read_json_object(Path(bundle), MANIFEST, "bundle", "not a gemma3n-mobile bundle")
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
         raise InputError(f"{path}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")

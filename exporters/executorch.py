@@ -1,0 +1,314 @@
+"""ExecuTorch target: one XNNPACK `.pte` and the PLE table in a memory-mapped `.ptd`.
+
+Methods of `model.pte` (T: every length of spec.prefill_lengths, U: 1..max(prefill_lengths)):
+
+  token_embedding(token_ids [1,U] int64)        -> inputs_embeds [1,U,H]     (the LLM runner's name for it)
+  per_layer_embedding(token_ids [1,U] int64)    -> per_layer_rows [1,U,L,P]  (reads the table in the .ptd)
+  prefill_<T>(inputs_embeds [1,T,H], per_layer_rows [1,T,L,P], input_pos [T] int64) -> logits [1,1,V]
+  decode(inputs_embeds [1,1,H], per_layer_rows [1,1,L,P], input_pos [1] int64)       -> logits [1,1,V]
+
+plus the constant methods that ExecuTorch's LLM runner reads (extension/llm/runner/constants.h): get_max_seq_len,
+get_max_context_len, get_bos_id, get_eos_ids, get_vocab_size, use_kv_cache, use_sdpa_with_kv_cache,
+enable_dynamic_shape, and get_prefill_lengths for our own runtime.
+
+Prefill and decode write one KV cache, the model's mutable buffers, shared between the methods by memory planning.
+The decoder graphs take the per-layer rows as an input, so the PLE table is a constant of `per_layer_embedding`
+alone, and that one constant is written to `per_layer_embeddings.ptd`, which the runtime memory-maps.
+The runner's own decoder loop (`forward(tokens, pos)`) cannot drive Gemma 3n, whose decoder needs the per-layer rows
+as a second input; an app calls the embedders, then prefill_<T> / decode.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import Tensor, nn
+
+from exporters.ple import quantize_rows_int8
+from exporters.spec import ExportSpec
+from models.errors import InputError
+from models.text import RMSNorm, TextDecoder, in_dtype
+
+PTE_NAME = "model.pte"
+PLE_TAG = "per_layer_embeddings"  # the .ptd file name, without its suffix
+_PLE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class LinearHeadDecoder(TextDecoder):
+    """The decoder with its tied LM head as an nn.Linear of its own (sharing the embedding's storage), so that torchao
+    quantizes the head like any other Linear and the token-embedding table stays as it is."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class XnnpackRMSNorm(nn.Module):
+    """RMSNorm in ops that XNNPACK takes: the mean over the last dim as a 4-D global average pool, and rsqrt for
+    pow(-0.5). XNNPACK refuses both originals, and every norm then split the graph into another delegate
+    (222 delegates for the tiny decode graph instead of 92). rsqrt and pow(-0.5) differ by an ulp."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.eps, self.weight = norm.eps, norm.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        squares = (xf * xf).reshape(1, -1, 1, xf.shape[-1])
+        mean = squares.mean(dim=(2, 3), keepdim=True).reshape(*xf.shape[:-1], 1)
+        out = xf * torch.rsqrt(mean + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+def swap_norms_(module: nn.Module) -> None:
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, RMSNorm):
+                setattr(parent, name, XnnpackRMSNorm(child))
+
+
+def export_decoder(model: TextDecoder, cache_len: int) -> LinearHeadDecoder:
+    """The decoder half of `model` (no PLE table) with its KV cache set up. Shares the weights' storage with `model`:
+    quantization replaces the copy's parameters and never writes into the caller's model."""
+    with torch.device("meta"):
+        decoder = LinearHeadDecoder(model.config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("per_layer_embedding.")}
+    state["lm_head.weight"] = model.embed_tokens.weight.detach()
+    decoder.per_layer_embedding = None
+    decoder.load_state_dict(state, assign=True)
+    decoder.init_buffers()
+    decoder.setup_caches(cache_len)
+    swap_norms_(decoder)
+    return decoder.eval()
+
+
+class DecoderStep(nn.Module):
+    """forward_embeddings over the mutable-buffer KV cache: prefill (T > 1) or decode (T = 1)."""
+
+    def __init__(self, decoder: LinearHeadDecoder, last_position_only: bool):
+        super().__init__()
+        self.decoder, self.last_position_only = decoder, last_position_only
+
+    def forward(self, inputs_embeds: Tensor, per_layer_rows: Tensor, input_pos: Tensor) -> Tensor:
+        return self.decoder.forward_embeddings(inputs_embeds, per_layer_rows, input_pos, self.last_position_only)
+
+
+class TokenEmbedder(nn.Module):
+    """token ids [1, T] -> inputs_embeds [1, T, H], as TextDecoder.embed."""
+
+    def __init__(self, model: TextDecoder):
+        super().__init__()
+        self.embed_tokens = model.embed_tokens
+        self.scale = in_dtype(model.embed_scale, model.embed_tokens.weight.dtype)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return self.embed_tokens(token_ids) * self.scale
+
+
+class PerLayerEmbedder(nn.Module):
+    """token ids [1, T] -> per-layer rows [1, T, L, P] from the PLE table stored as `storage`: int8 rows with per-row
+    scales, or fp16/bf16/fp32 -- the same numbers that runtime_py.ple.PleTable reads from the safetensors asset."""
+
+    def __init__(self, model: TextDecoder, storage: str):
+        super().__init__()
+        ple = model.per_layer_embedding
+        table = ple.weight.detach()
+        self.vocab, self.num_layers, self.dim = ple.vocab, ple.num_layers, ple.dim
+        self.scale = in_dtype(ple.scale, torch.float32)
+        if storage == "int8":
+            rows, row_scales = quantize_rows_int8(table)
+            self.register_buffer("ple_row_scales", row_scales[:, None].contiguous())
+        else:
+            rows, self.ple_row_scales = table.to(_PLE_DTYPES[storage]).contiguous(), None
+        self.register_buffer("ple_rows", rows)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        ids = torch.where((token_ids >= 0) & (token_ids < self.vocab), token_ids, 0)
+        rows = F.embedding(ids, self.ple_rows).float()
+        if self.ple_row_scales is not None:
+            rows = rows * F.embedding(ids, self.ple_row_scales)
+        return (rows * self.scale).reshape(*token_ids.shape, self.num_layers, self.dim)
+
+
+def is_ple_constant(node: torch.fx.Node) -> str | None:
+    """external_constants tag: the PLE table (rows and scales) goes to the .ptd, everything else stays in the .pte."""
+    return PLE_TAG if "ple_row" in node.name else None
+
+
+def gelu_tanh(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU's tanh form written out. XNNPACK's GELU ignores `approximate` and computes the erf form, which differs
+    from Gemma's gelu_pytorch_tanh by up to ~5e-4 per activation (8e-4 on the tiny model's logits)."""
+    if approximate != "tanh":
+        return 0.5 * x * (1.0 + torch.erf(x * 0.5**0.5))
+    inner = (2.0 / torch.pi) ** 0.5 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (1.0 + torch.tanh(inner))
+
+
+# --- quantization ----------------------------------------------------------------------------------------------
+
+
+def quantize_decoder_(decoder: LinearHeadDecoder, spec: ExportSpec) -> None:
+    """torchao source transform of the decoder's Linears (LM head included) for spec.quant."""
+    if spec.quant == "none":
+        return
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+
+    if spec.recipe == "int8wo":
+        # torchao leaves a torchao::dequantize_affine before each float linear, which XNNPACK does not take and
+        # ExecuTorch 1.5.1 has no kernel for ("Missing out variants" at to_executorch).
+        raise InputError("--quant int8-weight-only: not lowerable to ExecuTorch/XNNPACK yet; use 8da8w or 8da4w")
+    group = spec.block_size
+    if spec.recipe == "8da4w" and group % 32:
+        raise InputError(f"--block-size: XNNPACK's int4 kernels need a multiple of 32, got {group}")
+    grouped = spec.recipe == "8da4w"
+    weight_dtype, granularity = (torch.int4, PerGroup(group)) if grouped else (torch.int8, PerAxis(0))
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=weight_dtype, weight_granularity=granularity)
+
+    def quantizable(module: nn.Module, fqn: str) -> bool:
+        # AltUp's coefficient matrices are read as weights (clipped), never called as Linears; a grouped scheme
+        # leaves Linears whose input does not divide into groups (PLE dim and LAuReL rank on tiny models) in float.
+        if not isinstance(module, nn.Linear) or fqn.endswith("_coefs"):
+            return False
+        return not grouped or module.in_features % group == 0
+
+    quantize_(decoder, config, filter_fn=quantizable)
+
+
+# --- export and lowering ---------------------------------------------------------------------------------------
+
+
+def decoder_programs(model: TextDecoder, spec: ExportSpec) -> dict[str, torch.export.ExportedProgram]:
+    """prefill_<T> for each prefill length and decode, over one decoder (one set of cache buffers, one set of
+    weights that the lowering stores once)."""
+    cfg = model.config
+    decoder = export_decoder(model, spec.cache_len)
+    quantize_decoder_(decoder, spec)
+    H, L, P, dtype = cfg.hidden_size, cfg.num_layers, cfg.hidden_size_per_layer_input, model.embed_tokens.weight.dtype
+
+    def export(T: int, last_position_only: bool) -> torch.export.ExportedProgram:
+        args = torch.zeros(1, T, H, dtype=dtype), torch.zeros(1, T, L, P, dtype=dtype), torch.arange(T)
+        ep = torch.export.export(DecoderStep(decoder, last_position_only), args, strict=False)
+        return ep.run_decompositions({torch.ops.aten.gelu.default: gelu_tanh})
+
+    with torch.no_grad():
+        programs = {f"prefill_{T}": export(T, spec.kv_shared_prefill) for T in spec.prefill_lengths}
+        programs["decode"] = export(1, True)
+    return programs
+
+
+def embedder_programs(model: TextDecoder, spec: ExportSpec) -> dict[str, torch.export.ExportedProgram]:
+    """The two table lookups, for 1 to max(prefill_lengths) tokens."""
+    longest = max(spec.prefill_lengths)
+    ids = torch.zeros(1, longest, dtype=torch.long)
+    dynamic = ({1: torch.export.Dim("tokens", min=1, max=longest)},) if longest > 1 else None
+    embedders = {
+        "token_embedding": TokenEmbedder(model),
+        "per_layer_embedding": PerLayerEmbedder(model, spec.ple_storage),
+    }
+    with torch.no_grad():
+        return {name: torch.export.export(m, (ids,), dynamic_shapes=dynamic) for name, m in embedders.items()}
+
+
+def delegate_friendly_views():
+    """An edge pass that rewrites two view ops XNNPACK refuses, each of which otherwise ends a delegate (48 delegates
+    for a 4-layer decode graph without it, 23 with it): select -> slice + view, and expand -> nothing where the shape
+    stays (matmul's broadcasts) or a concat of copies (grouped-query attention's repeat_interleave)."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.pass_base import ExportPass
+
+    aten, clone = exir_ops.edge.aten, exir_ops.edge.dim_order_ops._clone_dim_order.default
+
+    class DelegateFriendlyViews(ExportPass):
+        def call_operator(self, op, args, kwargs, meta):
+            call = super().call_operator
+            if op == aten.select_copy.int:
+                x, dim, index = args
+                shape = list(x.to_tensor().shape)
+                index %= shape[dim]
+                sliced = call(aten.slice_copy.Tensor, (x, dim, index, index + 1), {}, meta)
+                return call(aten.view_copy.default, (sliced, shape[:dim] + shape[dim + 1 :]), {}, meta)
+            if op == aten.expand_copy.default and len(args[1]) == args[0].to_tensor().dim():
+                x = out = args[0]
+                for dim, (size, old) in enumerate(zip(args[1], x.to_tensor().shape)):
+                    if size not in (-1, old):
+                        copies = [out] + [call(clone, (out,), {}, meta) for _ in range(size - 1)]
+                        out = call(aten.cat.default, (copies, dim), {}, meta)
+                return out
+            return call(op, args, kwargs, meta)
+
+    return DelegateFriendlyViews()
+
+
+def runner_metadata(model: TextDecoder, spec: ExportSpec) -> dict:
+    cfg = model.config
+    return {
+        "get_max_seq_len": spec.cache_len,
+        "get_max_context_len": spec.cache_len,
+        "get_bos_id": cfg.bos_token_id,
+        "get_eos_ids": list(cfg.eos_token_ids),
+        "get_vocab_size": cfg.vocab_size,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": False,  # the decoder methods have fixed shapes; only the embedders take 1..max T
+        "get_prefill_lengths": list(spec.prefill_lengths),
+    }
+
+
+def lower(programs: dict, metadata: dict):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    # Table lookups stay on the portable embedding kernel, which reads rows straight from the mapped .ptd.
+    partitioners = {name: [] if name.endswith("embedding") else [XnnpackPartitioner()] for name in programs}
+    edge = to_edge_transform_and_lower(
+        programs, transform_passes=[delegate_friendly_views()], partitioner=partitioners, constant_methods=metadata
+    )
+    return edge.to_executorch(
+        ExecutorchBackendConfig(
+            # Shared: decode reads the cache that prefill wrote. Names: the runtime matches buffers across methods.
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+            external_constants=is_ple_constant,
+        )
+    )
+
+
+def export_executorch(model: TextDecoder, spec: ExportSpec, out_dir: str | Path) -> Path:
+    """Writes out_dir/model.pte and out_dir/per_layer_embeddings.ptd; returns the .pte's path."""
+    if spec.target != "executorch":
+        raise InputError(f"--target: export_executorch needs an executorch spec, got {spec.target!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise InputError(f"{out_dir}: output directory exists already")
+    console = Console(stderr=True)
+    with console.status(f"exporting {len(spec.prefill_lengths) + 3} methods"):
+        programs = decoder_programs(model.eval(), spec) | embedder_programs(model, spec)
+    with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):
+        program = lower(programs, runner_metadata(model, spec))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with open(tmp / PTE_NAME, "wb") as f:
+            program.write_to_file(f)
+        program.write_tensor_data_to_file(str(tmp))
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / PTE_NAME
