@@ -200,7 +200,8 @@ def _rope_thetas(t: dict) -> tuple[float, float]:
 def read_hf_config(checkpoint_dir: Path) -> dict:
     from models.fileio import read_json_object
 
-    return read_json_object(checkpoint_dir, "config.json", "checkpoint", "a Hugging Face checkpoint needs config.json")
+    return read_json_object(checkpoint_dir, "config.json", "checkpoint", "a Hugging Face checkpoint needs config.json",
+                            CheckpointError)
 
 
 def _pattern(n: int) -> tuple[str, ...]:

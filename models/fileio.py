@@ -31,18 +31,18 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def read_json_object(folder: Path, name: str, what: str, missing_hint: str) -> dict:
-    """folder/name parsed as a JSON object; any problem is one G3nError line naming the file."""
+def read_json_object(folder: Path, name: str, what: str, missing_hint: str, error: type = InputError) -> dict:
+    """folder/name parsed as a JSON object; any problem is one `error` (a G3nError) line naming the file."""
     folder = Path(folder)
     path = folder / name
     if not folder.is_dir():
-        raise InputError(f"{folder}: no such {what} directory")
+        raise error(f"{folder}: no such {what} directory")
     if not path.is_file():
-        raise InputError(f"{path}: missing ({missing_hint})")
+        raise error(f"{path}: missing ({missing_hint})")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object")
     return raw

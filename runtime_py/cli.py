@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except G3nError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`g3n info | head`): not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
