@@ -20,9 +20,6 @@ as a second input; an app calls the embedders, then prefill_<T> / decode.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +30,7 @@ from torch import Tensor, nn
 from exporters.ple import quantize_rows_int8
 from exporters.spec import ExportSpec
 from models.errors import InputError
+from models.fileio import atomic_directory
 from models.text import RMSNorm, TextDecoder, in_dtype
 
 PTE_NAME = "model.pte"
@@ -301,14 +299,8 @@ def export_executorch(model: TextDecoder, spec: ExportSpec, out_dir: str | Path)
         programs = decoder_programs(model.eval(), spec) | embedder_programs(model, spec)
     with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):
         program = lower(programs, runner_metadata(model, spec))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         with open(tmp / PTE_NAME, "wb") as f:
             program.write_to_file(f)
         program.write_tensor_data_to_file(str(tmp))
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / PTE_NAME
