@@ -167,9 +167,8 @@ def quantize_decoder_(decoder: LinearHeadDecoder, spec: ExportSpec) -> None:
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
 
     if spec.recipe == "int8wo":
-        # torchao leaves a torchao::dequantize_affine before each float linear, which XNNPACK does not take and
-        # ExecuTorch 1.5.1 has no kernel for ("Missing out variants" at to_executorch).
-        raise InputError("--quant int8-weight-only: not lowerable to ExecuTorch/XNNPACK yet; use 8da8w or 8da4w")
+        _swap_linears(decoder, lambda m, fqn: not fqn.endswith("_coefs"), Int8WeightOnlyLinear)
+        return
     group = spec.block_size
     if spec.recipe == "8da4w" and group % 32:
         raise InputError(f"--block-size: XNNPACK's int4 kernels need a multiple of 32, got {group}")
@@ -185,6 +184,31 @@ def quantize_decoder_(decoder: LinearHeadDecoder, spec: ExportSpec) -> None:
         return not grouped or module.in_features % group == 0
 
     quantize_(decoder, config, filter_fn=quantizable)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """A Linear stored as int8 weights with one scale per output channel, dequantized in the graph: ExecuTorch's own
+    int8 weight-only form (its Llama example's). torchao's form instead leaves a torchao::dequantize_affine before
+    each Linear, which XNNPACK does not take and ExecuTorch 1.5.1 has no kernel for."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(linear.weight.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.linear(x, self.weight.to(x.dtype)) * self.scales
+        return out if self.bias is None else out + self.bias
+
+
+def _swap_linears(root: nn.Module, keep, make) -> None:
+    for fqn, module in list(root.named_modules()):
+        if isinstance(module, nn.Linear) and keep(module, fqn):
+            parent_name, _, name = fqn.rpartition(".")
+            setattr(root.get_submodule(parent_name) if parent_name else root, name, make(module))
 
 
 # --- export and lowering ---------------------------------------------------------------------------------------

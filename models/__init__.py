@@ -1,6 +1,6 @@
 """Gemma 3n in PyTorch: the single definition that every exporter lowers."""
 
-from models.checkpoint import load_pretrained, save_pretrained
+from models.checkpoint import load_pretrained, load_text_decoder, save_pretrained
 from models.config import PRESETS, TextConfig
 from models.errors import CheckpointError, G3nError, InputError
 from models.text import TextDecoder
@@ -13,5 +13,6 @@ __all__ = [
     "TextConfig",
     "TextDecoder",
     "load_pretrained",
+    "load_text_decoder",
     "save_pretrained",
 ]

@@ -125,8 +125,19 @@ def hf_name(ours: str, prefix: str) -> str:
     return prefix + RENAMES.get(ours, ours)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -> TextDecoder:
-    """Reads a Hugging Face Gemma 3n checkpoint directory into our TextDecoder (eval mode).
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Reads a Hugging Face Gemma 3n checkpoint directory (eval mode): a Gemma3nForConditionalGeneration checkpoint
+    becomes our whole `Gemma3n` (text decoder, audio and vision towers, their embedders), a Gemma3nForCausalLM one our
+    `TextDecoder`. dtype: the parameters' dtype; by default the checkpoint's own."""
+    path = Path(path)
+    if layout_of(read_hf_config(path)) == CAUSAL_LM:
+        return load_text_decoder(path, dtype)
+    return _load_gemma3n(path, dtype)
+
+
+def load_text_decoder(path: str | os.PathLike, dtype: torch.dtype | None = None) -> TextDecoder:
+    """Reads the text decoder of a Gemma 3n checkpoint (either layout) into our TextDecoder (eval mode); the tensors
+    of the audio and vision parts of a multimodal checkpoint are carried along, so that saving writes them back.
 
     dtype: the parameters' dtype; by default the checkpoint's own. Every text-decoder key must be present with the
     expected shape, and no unknown key may appear: either is an error that names the keys.
@@ -154,18 +165,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
             continue
         else:
             unexpected.append(key)
-    missing = sorted(set(expected) - set(reader.keys()))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_few(sorted(unexpected))}")
-        raise CheckpointError(f"{path}: does not match its config.json ({'; '.join(parts)})")
-    for key, (ours, shape) in expected.items():
-        got = reader.shape(key)
-        if got != shape:
-            raise CheckpointError(f"{path}: {key} has shape {list(got)}, config.json implies {list(shape)}")
+    _check_keys_and_shapes(path, reader, expected, unexpected)
 
     if dtype is None:
         dtype = _torch_dtype(reader.dtype_of(hf_name("embed_tokens.weight", prefix)))
@@ -175,6 +175,60 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     model.hf_config = hf_config
     model.carried_tensors = {k: t for k, t in reader.tensors(carried)} if carried else {}
     return model.eval()
+
+
+# Our Gemma3n's submodules and where transformers keeps them (timm's model sits one level down in the vision tower).
+TOWER_PREFIXES = {"vision_tower.": "model.vision_tower.timm_model.", "audio_tower.": "model.audio_tower.",
+                  "embed_vision.": "model.embed_vision.", "embed_audio.": "model.embed_audio."}
+
+
+def gemma3n_hf_name(ours: str) -> str:
+    if ours.startswith("language_model."):
+        return hf_name(ours[len("language_model."):], TEXT_PREFIX[CONDITIONAL_GENERATION])
+    for prefix, hf_prefix in TOWER_PREFIXES.items():
+        if ours.startswith(prefix):
+            return hf_prefix + ours[len(prefix):]
+    raise KeyError(ours)
+
+
+def _load_gemma3n(path: Path, dtype: torch.dtype | None):
+    from models.multimodal import Gemma3n, Gemma3nConfig
+
+    hf_config = read_hf_config(path)
+    cfg = Gemma3nConfig.from_hf_dict(hf_config)
+    reader = SafetensorsReader.open(path)
+    prefix = TEXT_PREFIX[CONDITIONAL_GENERATION]
+    # The towers are built for real (their few non-persistent buffers are computed at construction); the text
+    # decoder, which holds the 2B-parameter PLE table on E2B, is built on the meta device and assigned its tensors.
+    with torch.device("meta"):
+        language_model = TextDecoder(cfg.text)
+    model = Gemma3n(cfg, language_model)
+    expected = {gemma3n_hf_name(k): (k, tuple(v.shape)) for k, v in model.state_dict().items()}
+    unexpected = [k for k in reader.keys() if k not in expected and k != "lm_head.weight"
+                  and not _is_unused_shared_kv(k, prefix, cfg.text)]
+    _check_keys_and_shapes(path, reader, expected, unexpected)
+    if dtype is None:
+        dtype = _torch_dtype(reader.dtype_of(hf_name("embed_tokens.weight", prefix)))
+    state = {expected[k][0]: t.to(dtype) for k, t in reader.tensors(list(expected))}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.language_model.init_buffers()
+    model.hf_config = hf_config
+    return model.eval()
+
+
+def _check_keys_and_shapes(path: Path, reader: SafetensorsReader, expected: dict, unexpected: list[str]) -> None:
+    missing = sorted(set(expected) - set(reader.keys()))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_few(sorted(unexpected))}")
+        raise CheckpointError(f"{path}: does not match its config.json ({'; '.join(parts)})")
+    for key, (_, shape) in expected.items():
+        got = reader.shape(key)
+        if got != shape:
+            raise CheckpointError(f"{path}: {key} has shape {list(got)}, config.json implies {list(shape)}")
 
 
 def _is_unused_shared_kv(key: str, prefix: str, cfg: TextConfig) -> bool:
@@ -192,8 +246,11 @@ def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
     return table[safetensors_dtype]
 
 
-def save_pretrained(model: TextDecoder, path: str | os.PathLike, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes `model` in the layout it was loaded from (Gemma3nForCausalLM when it was built from a config)."""
+def save_pretrained(model, path: str | os.PathLike, max_shard_bytes: int = 4 << 30) -> None:
+    """Writes `model` (a TextDecoder or a whole Gemma3n) in the layout it was loaded from (Gemma3nForCausalLM for a
+    TextDecoder built from a config, Gemma3nForConditionalGeneration for a Gemma3n)."""
+    if not isinstance(model, TextDecoder):
+        return _save_gemma3n(model, path, max_shard_bytes)
     hf_config = dict(getattr(model, "hf_config", None) or {"model_type": "gemma3n_text"})
     layout = layout_of(hf_config)
     prefix = TEXT_PREFIX[layout]
@@ -206,6 +263,15 @@ def save_pretrained(model: TextDecoder, path: str | os.PathLike, max_shard_bytes
     tensors = {hf_name(k, prefix): v for k, v in model.state_dict().items()}
     tensors.update(getattr(model, "carried_tensors", {}))
     write_checkpoint(path, hf_config, tensors.items(), max_shard_bytes)
+
+
+def _save_gemma3n(model, path, max_shard_bytes: int) -> None:
+    hf_config = dict(getattr(model, "hf_config", None) or {"model_type": "gemma3n"})
+    hf_config["text_config"] = model.config.text.to_hf_text_dict(hf_config.get("text_config"))
+    hf_config["architectures"] = [CONDITIONAL_GENERATION]
+    hf_config["dtype"] = str(model.language_model.embed_tokens.weight.dtype).removeprefix("torch.")
+    tensors = ((gemma3n_hf_name(k), v) for k, v in model.state_dict().items())
+    write_checkpoint(path, hf_config, tensors, max_shard_bytes)
 
 
 def write_checkpoint(

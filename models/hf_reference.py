@@ -33,16 +33,33 @@ def hf_config(cfg: TextConfig, layout: str = CAUSAL_LM, vision_args: dict | None
     text = Gemma3nTextConfig(**cfg.to_hf_text_dict())
     if layout == CAUSAL_LM:
         return text
+    tokens = media_token_ids(cfg)
     vision = Gemma3nVisionConfig(
         architecture="mobilenetv5_300m_enc",
         model_args=TEST_VISION_ARGS if vision_args is None else vision_args,
         hidden_size=2048,
+        vocab_offset=tokens["vision_vocab_offset"],
+        vocab_size=tokens["media_vocab_size"],
     )
-    return Gemma3nConfig(
-        text_config=text,
-        vision_config=vision,
-        audio_config=Gemma3nAudioConfig(**(TEST_AUDIO if audio is None else audio)),
+    audio_config = Gemma3nAudioConfig(
+        **(TEST_AUDIO if audio is None else audio),
+        vocab_offset=tokens["audio_vocab_offset"],
+        vocab_size=tokens["media_vocab_size"],
     )
+    ids = {k: v for k, v in tokens.items() if k.endswith("_token_id")}
+    return Gemma3nConfig(text_config=text, vision_config=vision, audio_config=audio_config, **ids)
+
+
+def media_token_ids(cfg: TextConfig) -> dict[str, int]:
+    """The published layout of media ids, fitted to any vocabulary: the ids above the PLE table split evenly into the
+    vision and the audio embedders' vocabularies (each starting with its end token, then its soft token), and the two
+    start tokens are the last ids of the PLE table. For the published vocabulary this is the published layout but
+    for the start tokens (255999 and 256000 there)."""
+    media = (cfg.vocab_size - cfg.vocab_size_per_layer_input) // 2
+    vision, audio = cfg.vocab_size_per_layer_input, cfg.vocab_size_per_layer_input + media
+    return dict(vision_vocab_offset=vision, audio_vocab_offset=audio, media_vocab_size=media,
+                boi_token_id=vision - 2, boa_token_id=vision - 1, eoi_token_id=vision, image_token_id=vision + 1,
+                eoa_token_id=audio, audio_token_id=audio + 1)
 
 
 def random_hf_model(cfg: TextConfig = TINY, layout: str = CAUSAL_LM, seed: int = 0, **config_kwargs):
@@ -80,10 +97,13 @@ def load_hf_model(path: str | Path):
 
 
 @torch.no_grad()
-def hf_prefill_and_decode(hf_model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+def hf_prefill_and_decode(
+    hf_model, prompt: torch.Tensor, steps: int, **media
+) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
     """Prefill logits [1, T, V], then `steps` greedy decode steps through transformers' own KV cache.
+    media: pixel_values, input_features, input_features_mask for the prefill of a multimodal model.
     Returns (prefill logits, per-step logits [1, V], greedy tokens)."""
-    out = hf_model(input_ids=prompt, use_cache=True)
+    out = hf_model(input_ids=prompt, use_cache=True, **media)
     prefill = out.logits
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     token = int(prefill[0, -1].argmax())

@@ -75,7 +75,7 @@ def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2):
 
 
 def _reference_model(bundle: Path, manifest: dict):
-    from models.checkpoint import load_pretrained
+    from models.checkpoint import load_text_decoder
     from runtime_py.manifest import sha256_of
 
     ref = (bundle / manifest["reference"]["path"]).resolve()
@@ -83,4 +83,4 @@ def _reference_model(bundle: Path, manifest: dict):
         file = ref / entry["path"]
         if not file.is_file() or file.stat().st_size != entry["size"] or sha256_of(file) != entry["sha256"]:
             raise InputError(f"{file}: the torch backend's reference checkpoint is missing or differs from the manifest")
-    return load_pretrained(ref, dtype=torch.float32)
+    return load_text_decoder(ref, dtype=torch.float32)

@@ -6,16 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import InputError, load_pretrained
+from models import InputError, load_text_decoder
 from models.config import E2B, E4B, GLOBAL, SLIDING
 from models.hf_reference import load_hf_model
 from models.matformer import e2b_plan, slice_checkpoint, sliced_config
-from models.parity import parity_prompt
+from models.parity import parity_prompt, text_vocab_size
 
 
 def _same_logits(path, prompt_len=20):
-    ours, hf = load_pretrained(path), load_hf_model(path)
-    ids = parity_prompt(ours.config.vocab_size, ours.config.vocab_size_per_layer_input, prompt_len)
+    ours, hf = load_text_decoder(path), load_hf_model(path)
+    ids = parity_prompt(text_vocab_size(ours), ours.config.vocab_size_per_layer_input, prompt_len)
     with torch.no_grad():
         err = (ours(ids) - hf(input_ids=ids).logits).abs().max().item()
     assert err <= 1e-4
