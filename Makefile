@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test clean
+.PHONY: install run test compare clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,12 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The numerics gate: bundles of the default model at every quantization level, each Linux backend against the float
+# PyTorch model; prints report.md and fails past a limit of ci/thresholds.json (report in out/compare).
+compare: install
+	rm -rf out/compare
+	$(BIN)/g3n compare --report out/compare --jobs 2
 
 clean:
 	rm -rf $(VENV)

@@ -77,6 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="checkpoint to compare on (default: a random tiny one)")
     p.add_argument("--prompt-len", type=int, default=24)
     p.add_argument("--steps", type=int, default=20, help="cached decode steps")
+    p.add_argument("--multimodal", action="store_true",
+                   help="per component: audio features and encoder, vision tower, and logits of a prompt with an "
+                        "image and audio (default checkpoint: a random tiny Gemma3nForConditionalGeneration)")
+
+    p = sub.add_parser("compare", help="numerics report: every backend and quantization against the float PyTorch model")
+    _add_model_source(p)
+    p.add_argument("--bundle", type=Path, action="append",
+                   help="a bundle folder to compare (repeatable; instead of building from --checkpoint)")
+    p.add_argument("--targets", default="android,executorch,ios",
+                   help="without --bundle: bundle targets to build and compare (android, executorch, ios)")
+    p.add_argument("--quant", default="none,int8,int4", help="without --bundle: quantization levels to build: none, int8, int4")
+    p.add_argument("--cache-len", type=int, default=96, help="without --bundle: the bundles' KV-cache length")
+    p.add_argument("--prefill-lengths", default="16", help="without --bundle: the bundles' prefill lengths")
+    p.add_argument("--jobs", type=int, default=1, help="without --bundle: bundles built at once, one process each "
+                                                       "(each needs the memory of one conversion)")
+    p.add_argument("--report", type=Path, required=True,
+                   help="report folder (must not exist): report.json, report.md, plot.png (and bundles/, debug/)")
+    p.add_argument("--thresholds", type=Path, help="limits per backend/quant, component and metric "
+                                                   "(default: ci/thresholds.json)")
+    p.add_argument("--prompt", help="prompt text, sent as one chat turn (default: the bundles' golden prompt)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps compared after the prefill")
+    p.add_argument("--localise", choices=["breach", "always", "never"], default="breach",
+                   help="when to find the first divergent layer with a debug export (default: for failing rows)")
+    p.add_argument("--write-thresholds", type=Path,
+                   help="measure only (no limits checked) and write limits derived from this run to this file")
+    from runtime_py.harness.cli import add_parsers as add_harness_parsers
+
+    add_harness_parsers(sub)
     return parser
 
 
@@ -103,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args):
-    from models import load_pretrained
+    from models import load_text_decoder
     from models.default import default_model
 
     if args.checkpoint is None:
         return default_model(), "embedded default (tiny preset, deterministic weights)"
-    return load_pretrained(args.checkpoint, dtype=_float32()), str(args.checkpoint)
+    return load_text_decoder(args.checkpoint, dtype=_float32()), str(args.checkpoint)
 
 
 def _float32():
@@ -257,7 +285,7 @@ def cmd_bundle(args) -> int:
     from rich.console import Console
 
     from exporters.bundle import build_bundles
-    from models import load_pretrained, save_pretrained
+    from models import load_text_decoder, save_pretrained
     from models.errors import InputError
     from models.matformer import parse_int_list, slice_checkpoint
 
@@ -279,7 +307,7 @@ def cmd_bundle(args) -> int:
             widths = parse_int_list(args.ffn_widths, "--ffn-widths") if args.ffn_widths else None
             skip = parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else []
             slice_checkpoint(src, Path(tmp) / "sliced", widths, skip, args.slice)
-            model = load_pretrained(Path(tmp) / "sliced")
+            model = load_text_decoder(Path(tmp) / "sliced")
             info["matformer_slice"] = model.hf_config["matformer_slice"]
     targets = [t for t in args.targets.split(",") if t]
     with console.status("building bundles") as status:
@@ -325,6 +353,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _multimodal_parity(checkpoint: Path, steps: int) -> int:
+    from models.checkpoint import CONDITIONAL_GENERATION, layout_of
+    from models.config import read_hf_config
+    from models.errors import InputError
+    from models.parity import compare_multimodal_with_transformers
+
+    if layout_of(read_hf_config(checkpoint)) != CONDITIONAL_GENERATION:
+        raise InputError(f"{checkpoint}: --multimodal needs a Gemma3nForConditionalGeneration checkpoint")
+    report = compare_multimodal_with_transformers(checkpoint, steps)
+    print(json.dumps(report, indent=2))
+    print()
+    print("| component | reference | max abs error | output scale (max abs) |")
+    print("| --- | --- | ---: | ---: |")
+    rows = [("audio features (log-mel)", "Gemma3nAudioFeatureExtractor", "audio_features"),
+            ("audio encoder", "transformers' Gemma3nAudioEncoder", "audio_encoder"),
+            ("vision tower (768 px)", "timm's mobilenetv5_300m_enc in transformers", "vision_tower"),
+            (f"logits, prefill ({report['prompt_tokens']} tokens: text, an image, an audio clip)",
+             "Gemma3nForConditionalGeneration", "prefill_logits")]
+    for name, reference, key in rows:
+        print(f"| {name} | {reference} | {report[key]['max_abs_error']:.3g} | {report[key]['scale']:.3g} |")
+    print(f"| logits, {steps} cached decode steps (greedy tokens equal: {report['greedy_tokens_equal']}) | "
+          f"Gemma3nForConditionalGeneration | {report['decode_logits']['max_abs_error']:.3g} | |")
+    return 0
+
+
 def cmd_parity(args) -> int:
     import tempfile
 
@@ -333,10 +386,13 @@ def cmd_parity(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:
+            from models.checkpoint import CAUSAL_LM, CONDITIONAL_GENERATION
             from models.hf_reference import write_random_checkpoint
 
             checkpoint = Path(tmp) / "tiny"
-            write_random_checkpoint(checkpoint)
+            write_random_checkpoint(checkpoint, layout=CONDITIONAL_GENERATION if args.multimodal else CAUSAL_LM)
+        if args.multimodal:
+            return _multimodal_parity(checkpoint, args.steps)
         report = compare_with_transformers(checkpoint, args.prompt_len, args.steps)
     print(json.dumps(report, indent=2))
     print()
@@ -348,6 +404,87 @@ def cmd_parity(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from rich.console import Console
+
+    from exporters.bundle import GOLDEN_PROMPT, QUANT_LEVELS, TARGETS
+    from models.errors import InputError
+    from models.fileio import atomic_directory
+    from models.matformer import parse_int_list
+    from runtime_py import compare
+
+    if args.bundle and args.checkpoint:
+        raise InputError("give --bundle DIR ... or --checkpoint DIR, not both")
+    if args.steps < 1:
+        raise InputError(f"--steps: expected a positive number of decode steps, got {args.steps}")
+    if args.jobs < 1:
+        raise InputError(f"--jobs: expected a positive number of processes, got {args.jobs}")
+    prompt = GOLDEN_PROMPT if args.prompt is None else args.prompt
+    if not prompt.strip():
+        raise InputError("--prompt: empty prompt")
+    if args.write_thresholds is not None:
+        if args.write_thresholds.exists():
+            raise InputError(f"--write-thresholds: {args.write_thresholds} already exists")
+        thresholds = {"path": "(none: measuring for --write-thresholds)", "comment": "", "cells": {}}
+    else:
+        thresholds = compare.load_thresholds(args.thresholds or compare.DEFAULT_THRESHOLDS)
+    targets = [t for t in args.targets.split(",") if t]
+    levels = [q for q in args.quant.split(",") if q]
+    if not args.bundle:
+        bad = [t for t in targets if t not in TARGETS] or [q for q in levels if q not in QUANT_LEVELS]
+        if bad or not targets or not levels:
+            raise InputError(f"--targets/--quant: unknown value {bad[0] if bad else '(none)'} "
+                             f"(targets: {', '.join(TARGETS)}; levels: {', '.join(QUANT_LEVELS)})")
+        prefill_lengths = tuple(parse_int_list(args.prefill_lengths, "--prefill-lengths"))
+    console = Console(stderr=True)
+    with atomic_directory(args.report) as tmp, console.status("comparing") as status:
+        def progress(message):
+            status.update(f"comparing: {message}")
+
+        job = compare.Comparison(bundles=list(args.bundle or []), thresholds=thresholds, prompt=prompt,
+                                 steps=args.steps, localise=args.localise, debug_dir=tmp / "debug", progress=progress,
+                                 enforce=args.write_thresholds is None)
+        if not args.bundle:
+            job.source = str(args.checkpoint) if args.checkpoint else _load(args)[1]
+            tokenizer = args.checkpoint / "tokenizer.model" if args.checkpoint else None
+            tokenizer = tokenizer if tokenizer is not None and tokenizer.is_file() else None
+            builds = []
+            for level in levels:
+                for target in targets:
+                    reason = compare.skip_reason(compare.TARGET_BACKENDS[target][0])
+                    if reason:  # nothing to build for a backend that cannot run here
+                        job.skipped += [compare.Row(backend, level, QUANT_LEVELS[level][TARGETS[target]],
+                                                    status="skipped", reason=reason)
+                                        for backend in compare.TARGET_BACKENDS[target]]
+                    else:
+                        builds.append((level, target))
+            if job.enforce:  # before minutes of conversion
+                compare.check_cells_present([f"{backend}/{level}" for level, target in builds
+                                             for backend in compare.TARGET_BACKENDS[target]], thresholds)
+            job.bundles = compare.build_for_comparison(args.checkpoint, tmp / "bundles", builds, tokenizer,
+                                                       args.cache_len, prefill_lengths, job.source, args.jobs, progress)
+        report = compare.run_comparison(job)
+        report = compare.renamed_paths(report, str(tmp), str(args.report))
+        compare.write_report(report, tmp)
+    print(compare.markdown(report), end="")
+    if args.write_thresholds is not None:
+        limits = compare.thresholds_from_report(report, compare.CALIBRATION_COMMENT)
+        args.write_thresholds.write_text(json.dumps(limits, indent=2) + "\n")
+        print(f"wrote {args.write_thresholds}", file=sys.stderr)
+    if not report["passed"]:
+        for breach in report["breaches"]:
+            print(f"threshold exceeded: {breach}", file=sys.stderr)
+        print(f"(limits: {thresholds['path']}; report: {args.report})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_harness(args) -> int:
+    from runtime_py.harness.cli import run
+
+    return run(args)
+
+
 COMMANDS = {
     "info": cmd_info,
     "slice": cmd_slice,
@@ -355,6 +492,8 @@ COMMANDS = {
     "export": cmd_export,
     "bundle": cmd_bundle,
     "parity": cmd_parity,
+    "harness": cmd_harness,
+    "compare": cmd_compare,
 }
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from dataclasses import replace
 
 import pytest
 
+from exporters.bundle import build_bundles
 from models.checkpoint import CAUSAL_LM, CONDITIONAL_GENERATION
+from models.default import default_model
 from models.config import E4B, TINY
 from models.hf_reference import write_random_checkpoint
 
@@ -47,3 +49,11 @@ def e4b_shaped_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "e4b-shaped"
     write_random_checkpoint(path, E4B_SHAPED, CAUSAL_LM, seed=2)
     return path
+
+
+@pytest.fixture(scope="session")
+def default_bundles(tmp_path_factory):
+    """Bundles of the embedded default model for every target, built once for the session (minutes): tests that
+    change a bundle work on a copy."""
+    return build_bundles(default_model(), tmp_path_factory.mktemp("b") / "out", ["android", "executorch", "ios"],
+                         cache_len=96, prefill_lengths=(16,), make_zip=True)

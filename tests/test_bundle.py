@@ -19,9 +19,8 @@ TARGET_BACKENDS = {"android": ["litert", "litertlm"], "executorch": ["executorch
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    return build_bundles(default_model(), tmp_path_factory.mktemp("b") / "out", list(TARGET_BACKENDS),
-                         cache_len=96, prefill_lengths=(16,), make_zip=True)
+def bundles(default_bundles):
+    return default_bundles
 
 
 def _greedy(bundle, backend, n=12):

@@ -1,0 +1,248 @@
+"""The comparer (runtime_py.compare, exporters.debug, `g3n compare`) held to known answers.
+
+- Metrics against torch's own cosine similarity and KL divergence, and the teacher-forced greedy count against a real
+  free-running generation.
+- A backend with a known injected error: the LiteRT (and, marked heavy, the ExecuTorch) debug export of a model whose
+  layer K weights were perturbed is flagged against the unperturbed float model, and layer K is named as the first
+  divergent stage.
+- `g3n compare` on a float Android bundle: the report files (JSON keys, the Markdown table, a valid PNG), exit 0 within
+  the limits, exit 1 naming the cell past a limit, one error line for a bad thresholds file.
+
+The model is the tiny preset cut to 4 layers (sliding, global, then one KV-shared layer of each type), every parameter
+random; conversions (one debug export, one bundle: about 2 minutes on 2 cores) dominate the run time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from exporters.debug import export_debug, open_debug
+from exporters.spec import ExportSpec
+from models.config import GLOBAL, SLIDING, TINY
+from models.default import randomise_
+from models.errors import InputError
+from models.text import TextDecoder
+from runtime_py import compare
+from runtime_py.cli import main
+
+SMALL = replace(
+    TINY,
+    num_layers=4,
+    layer_types=(SLIDING, GLOBAL, SLIDING, GLOBAL),
+    num_kv_shared_layers=2,
+    ffn_widths=(128,) * 4,
+    activation_sparsity=(0.95, 0.0, 0.0, 0.0),
+)
+CACHE_LEN, PREFILL_LEN, STEPS = 48, 8, 6
+PERTURBED_LAYER = 1
+PROMPT_IDS = [2] + list(range(10, 30))  # 21 tokens: prefill_8 twice, then the last 8 (overlapping), then decode
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = TextDecoder(SMALL)
+    randomise_(m, 11)
+    return m.eval()
+
+
+def perturbed(model: TextDecoder, layer: int) -> TextDecoder:
+    """A copy with noise of 20% of the weights' mean magnitude added to one layer's FFN up projection: enough to move
+    the logits by ~0.4 and change a greedy token within 13. (Scaling a weight would not do: most of a Gemma 3n block's
+    outputs pass through an RMSNorm, which undoes any scale.)"""
+    bad = copy.deepcopy(model)
+    weight = bad.layers[layer].mlp.up_proj.weight
+    with torch.no_grad():
+        weight.add_(0.2 * weight.abs().mean() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)))
+    return bad
+
+
+# --- metrics --------------------------------------------------------------------------------------------------------
+
+
+def test_metrics_equal_torch_cosine_and_kl():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(5, 384, generator=gen) * 3
+    got = ref + 0.3 * torch.randn(5, 384, generator=gen)
+    got[2] = -ref[2]  # one position entirely wrong: its argmax cannot agree
+    m = compare.position_metrics(ref.numpy(), got.numpy())
+    np.testing.assert_allclose(m["cosine"], F.cosine_similarity(ref.double(), got.double(), dim=-1).numpy(), rtol=1e-12)
+    kl = F.kl_div(F.log_softmax(got.double(), -1), F.log_softmax(ref.double(), -1), log_target=True,
+                  reduction="none").sum(-1)
+    np.testing.assert_allclose(m["kl"], kl.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(m["max_abs"], (got - ref).abs().amax(-1).numpy(), rtol=1e-6)
+    assert m["top1"][2] == 0 and m["cosine"][2] == pytest.approx(-1)
+    same = compare.position_metrics(ref.numpy(), ref.numpy())
+    assert same["max_abs"].max() == 0 and same["kl"].max() == 0 and same["top1"].min() == 1
+
+
+def test_teacher_forced_greedy_count_is_the_free_running_agreement(model):
+    """The comparer counts leading positions whose argmax agrees under teacher forcing; that must be exactly how many
+    tokens a free-running greedy generation on the backend shares with the float model's."""
+    from runtime_py.executors.torch_executor import TorchExecutor
+
+    bad = perturbed(model, PERTURBED_LAYER)
+    reference = compare.FloatReference(model)
+    ref_trace, ref_tokens = reference.trace(PROMPT_IDS, 12, CACHE_LEN, (PREFILL_LEN,))
+    lookups = compare.FloatReference(bad).lookups
+    forced, _ = compare.run_trace(TorchExecutor(bad, CACHE_LEN, (PREFILL_LEN,)), lookups.per_layer_rows, PROMPT_IDS,
+                                  12, ref_tokens[:-1])
+    _, free_tokens = compare.run_trace(TorchExecutor(bad, CACHE_LEN, (PREFILL_LEN,)), lookups.per_layer_rows,
+                                       PROMPT_IDS, 12)
+    counted = compare.decoder_metrics(ref_trace.logits, forced.logits)["decoder.decode"]["greedy_count"]
+    assert counted == f"{compare.leading_agreement(ref_tokens, free_tokens)}/13"
+    assert 0 < compare.leading_agreement(ref_tokens, free_tokens) < 13  # the perturbation shows, but not at once
+
+
+# --- thresholds -------------------------------------------------------------------------------------------------------
+
+
+def _write(tmp_path, obj, name="thresholds.json"):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "not valid JSON"),
+    ({"cells": {}}, "non-empty object \"cells\""),
+    ({"cells": {"litert": {}}}, "cells.litert"),
+    ({"cells": {"litert/none": {"decoder.encode": {}}}}, "cells.litert/none.decoder.encode: unknown component"),
+    ({"cells": {"litert/none": {"decoder.decode": {"max_err": 1}}}}, "decoder.decode.max_err: unknown metric"),
+    ({"cells": {"litert/none": {"decoder.decode": {"max_abs": "1"}}}}, "max_abs: expected a finite number"),
+])
+def test_bad_thresholds_files_name_the_key(tmp_path, content, fragment):
+    path = _write(tmp_path, content)
+    with pytest.raises(InputError, match=fragment.replace(".", r"\.")) as e:
+        compare.load_thresholds(path)
+    assert str(path) in str(e.value)
+
+
+def test_limits_bound_errors_from_above_and_agreements_from_below():
+    metrics = {"decoder.decode": {"max_abs": 0.5, "cosine": 0.99, "greedy": 0.5, "kl": 0.01}}
+    limits = {"decoder.decode": {"max_abs": 0.4, "cosine": 0.999, "greedy": 0.5, "kl": 0.02}, "measured": {}}
+    breaches = [str(b) for b in compare.check_cell("litert/int8", metrics, limits)]
+    assert breaches == ["litert/int8 decoder.decode max_abs = 0.5 > limit 0.4",
+                        "litert/int8 decoder.decode cosine = 0.99 < limit 0.999"]
+
+
+def test_derived_limits_hold_the_measurement_they_came_from():
+    row = {"cell": "litert/int4", "status": "pass", "localisation": None, "metrics": {
+        "decoder.prefill": {"max_abs": 0.61, "mean_abs": 0.1, "cosine": 0.9876, "kl": 0.0123, "top1": 1.0},
+        "decoder.decode": {"max_abs": 1.3, "mean_abs": 0.2, "cosine": 0.97, "kl": 0.05, "top1": 0.75, "greedy": 0.2353,
+                           "greedy_count": "4/17"}}}
+    limits = compare.thresholds_from_report({"inputs": {"decode_steps": 16}, "rows": [row]}, "c")["cells"]["litert/int4"]
+    assert compare.check_cell("litert/int4", row["metrics"], limits) == []
+    assert limits["decoder.decode"]["max_abs"] == 2.6 and limits["decoder.decode"]["cosine"] == pytest.approx(0.94)
+    assert limits["decoder.decode"]["top1"] == 0.5  # lost 4 of 16 positions; may lose 8
+    assert compare.check_cell("litert/int4", {"decoder.decode": {"max_abs": 2.7}}, limits) != []
+
+
+# --- a backend with a known injected error ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["litert", pytest.param("executorch", marks=pytest.mark.heavy)])
+def perturbed_backend(request, model, tmp_path_factory):
+    """The debug export (float, fp32 PLE) of the model with layer PERTURBED_LAYER perturbed, on LiteRT (about 40 s
+    of conversion) or ExecuTorch (XNNPACK lowering: minutes, so marked heavy)."""
+    bad = perturbed(model, PERTURBED_LAYER)
+    spec = ExportSpec(request.param, cache_len=CACHE_LEN, prefill_lengths=(PREFILL_LEN,), ple_storage="fp32")
+    path = export_debug(bad, spec, tmp_path_factory.mktemp("debug"))
+    return open_debug(path, bad, spec)
+
+
+def test_perturbed_layer_is_flagged_and_named(model, perturbed_backend):
+    reference = compare.FloatReference(model)
+    ref_trace, ref_tokens = reference.trace(PROMPT_IDS, STEPS, CACHE_LEN, (PREFILL_LEN,))
+    trace, _ = compare.run_trace(perturbed_backend, perturbed_backend.per_layer_rows, PROMPT_IDS, STEPS,
+                                 ref_tokens[:-1])
+    metrics = compare.decoder_metrics(ref_trace.logits, trace.logits)
+    # Float limits: what an unperturbed float export meets (~1e-6 logit error, see test_export_litert and
+    # test_export_executorch).
+    limits = {"decoder.prefill": {"max_abs": 1e-4}, "decoder.decode": {"max_abs": 1e-4, "cosine": 0.99999},
+              "stages": {"*": 1e-3}}
+    breaches = compare.check_cell("backend/none", metrics, limits)
+    assert [(b.component, b.metric) for b in breaches][:2] == [("decoder.prefill", "max_abs"),
+                                                                 ("decoder.decode", "max_abs")]
+
+    result = compare.localise(reference, perturbed_backend, PROMPT_IDS, STEPS, ref_tokens[:-1], limits)
+    errors = {s["stage"]: s["relative_error"] for s in result["stages"]}
+    assert result["first_divergent"]["stage"] == f"layer_{PERTURBED_LAYER}"
+    # Below the perturbed layer the export is the float model (XNNPACK rounding only); from it on, the injected error.
+    assert all(errors[f"layer_{i}"] < 1e-5 for i in range(PERTURBED_LAYER))
+    assert all(errors[f"layer_{i}"] > 1e-2 for i in range(PERTURBED_LAYER, SMALL.num_layers))
+
+
+# --- the command -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def android_bundle(model, tmp_path_factory):
+    from exporters.bundle import build_bundles
+
+    out = build_bundles(model, tmp_path_factory.mktemp("bundle") / "out", ["android"], cache_len=CACHE_LEN,
+                        prefill_lengths=(PREFILL_LEN,))
+    return out / "android"
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_files_and_a_passing_gate(android_bundle, tmp_path, capsys):
+    limits = {"cells": {"litert/none": {"decoder.prefill": {"max_abs": 1.0}, "decoder.decode": {"greedy": 0.5}},
+                        "litertlm/none": {"decoder.decode": {"greedy": 0.5}}}}
+    code, out, err = _run(capsys, "compare", "--bundle", android_bundle, "--report", tmp_path / "r", "--steps", STEPS,
+                          "--thresholds", _write(tmp_path, limits))
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert {"schema", "model", "inputs", "thresholds", "components", "rows", "breaches", "passed", "seconds"} <= set(report)
+    assert report["components"] == {"decoder.prefill": "compared", "decoder.decode": "compared",
+                                    "vision_encoder": "not exported yet", "audio_encoder": "not exported yet"}
+    litert, litertlm = report["rows"]
+    assert (litert["cell"], litertlm["cell"]) == ("litert/none", "litertlm/none")
+    # A float bundle: logits within the int8 PLE storage's rounding (~1e-2), every greedy token the float model's.
+    assert litert["metrics"]["decoder.decode"]["max_abs"] < 0.1
+    assert litert["metrics"]["decoder.decode"]["greedy_count"] == f"{STEPS + 1}/{STEPS + 1}"
+    assert litertlm["metrics"]["decoder.decode"]["greedy"] == 1.0 and "max_abs" not in litertlm["metrics"]["decoder.decode"]
+    assert len(litert["per_step_max_abs"]) == STEPS + 1
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md in out and "| backend | quant | scheme | prefill max abs |" in md
+    assert "| litertlm | none | none | - |" in md and "not exported yet" in md
+    with Image.open(tmp_path / "r" / "plot.png") as png:
+        png.verify()
+        assert png.format == "PNG" and png.size[0] > 100
+
+
+def test_a_breach_exits_1_naming_the_cell_and_localises(android_bundle, tmp_path, capsys):
+    limits = {"cells": {"litert/none": {"decoder.decode": {"max_abs": 1e-9}}, "litertlm/none": {}}}
+    code, out, err = _run(capsys, "compare", "--bundle", android_bundle, "--report", tmp_path / "r", "--steps", STEPS,
+                          "--thresholds", _write(tmp_path, limits))
+    assert code == 1
+    assert "threshold exceeded: litert/none decoder.decode max_abs" in err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert not report["passed"] and report["breaches"][0].startswith("litert/none decoder.decode max_abs")
+    # The float bundle's first lossy stage is its int8 PLE storage; the decoder layers themselves stay float-exact.
+    stages = report["rows"][0]["localisation"]["stages"]
+    assert report["rows"][0]["localisation"]["first_divergent"]["stage"] == "per_layer_embedding"
+    assert stages[0]["stage"] == "token_embedding" and stages[0]["relative_error"] < 1e-6
+    assert "FAIL: decoder.decode max_abs" in out and "first divergent stage: per_layer_embedding" in out
+
+
+def test_missing_cell_and_bad_flags_are_one_error_line(android_bundle, tmp_path, capsys):
+    path = _write(tmp_path, {"cells": {"litert/none": {}}})
+    code, _, err = _run(capsys, "compare", "--bundle", android_bundle, "--report", tmp_path / "r", "--thresholds", path)
+    assert code == 2 and err.strip().splitlines() == [f"error: {path}: no limits for cell litertlm/none "
+                                                      "(add \"litertlm/none\" under \"cells\")"]
+    assert not (tmp_path / "r").exists()
+    code, _, err = _run(capsys, "compare", "--report", tmp_path / "r", "--quant", "int3")
+    assert code == 2 and "unknown value int3" in err
