@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from exporters.spec import ExportSpec
 from models.errors import InputError
 from models.text import TextDecoder
+from runtime_py.executors.litert_executor import LiteRtExecutor
 
 LITERT_FILE = "debug_decoder.tflite"
 EXECUTORCH_FILE = "debug_decoder.pte"
@@ -93,9 +94,9 @@ def export_litert_debug(model: TextDecoder, spec: ExportSpec, out_dir: Path) -> 
     return path
 
 
-class LiteRtDebugExecutor:
-    """Runs debug_decoder.tflite in ai_edge_litert's Interpreter like runtime_py's LiteRtExecutor runs the decoder
-    section (the KV cache carried between calls as numpy arrays), keeping the last call's layer outputs."""
+class LiteRtDebugExecutor(LiteRtExecutor):
+    """Runs debug_decoder.tflite as runtime_py's LiteRtExecutor runs the decoder section (the KV cache carried between
+    calls as numpy arrays), with the float model's lookups, keeping the last call's layer outputs."""
 
     name = "litert-debug"
 
@@ -103,11 +104,10 @@ class LiteRtDebugExecutor:
                  threads: int = 2):
         from ai_edge_litert.interpreter import Interpreter
 
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        self.runners = {name: self.interpreter.get_signature_runner(name)
-                        for name in self.interpreter.get_signature_list()}
-        self.cache_inputs = {name: d for name, d in self.runners["decode"].get_input_details().items()
-                             if name.startswith("kv_cache_")}
+        self.decoder = Interpreter(model_path=str(path), num_threads=threads)
+        self._runners = {name: self.decoder.get_signature_runner(name) for name in self.decoder.get_signature_list()}
+        self._cache_inputs = {name: d for name, d in self._runners["decode"].get_input_details().items()
+                              if name.startswith("kv_cache_")}
         self.lookups, self.num_layers = lookups, lookups.num_layers
         self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
         self.layer_outputs: list[np.ndarray] = []
@@ -120,24 +120,9 @@ class LiteRtDebugExecutor:
         return self.lookups.per_layer_rows(ids)
 
     def _run(self, signature: str, embeds, rows, start: int) -> np.ndarray:
-        T = embeds.shape[1]
-        out = self.runners[signature](
-            embeddings=embeds.astype(np.float32), per_layer_embeddings=rows.astype(np.float32),
-            input_pos=np.arange(start, start + T, dtype=np.int32), mask=np.zeros((1, 1, T, self.cache_len), np.float32),
-            **self.cache,
-        )
-        self.cache = {k: out[k] for k in self.cache}
+        out = self._call(signature, embeds, rows, start)
         self.layer_outputs = [out[layer_output_name(i)] for i in range(self.num_layers)]
         return out["logits"][0, -1]
-
-    def prefill(self, embeds, rows, start: int) -> np.ndarray:
-        return self._run(f"prefill_{embeds.shape[1]}", embeds, rows, start)
-
-    def decode(self, embeds, rows, pos: int) -> np.ndarray:
-        return self._run("decode", embeds, rows, pos)
-
-    def reset(self) -> None:
-        self.cache = {name: np.zeros(d["shape"], np.float32) for name, d in self.cache_inputs.items()}
 
 
 # --- ExecuTorch ------------------------------------------------------------------------------------------------------

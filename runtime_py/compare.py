@@ -396,7 +396,7 @@ def check_cells_present(cells: list[str], thresholds: dict) -> None:
 def run_comparison(job: Comparison) -> dict:
     """Runs every row and returns the report (see write_report); rows past their limits are localised."""
     from runtime_py.components.tokenizer import Tokenizer
-    from runtime_py.engine import _reference_model
+    from runtime_py.engine import reference_model
     from runtime_py.executors import load_executor
 
     planned = planned_cells(job.bundles)
@@ -418,7 +418,7 @@ def run_comparison(job: Comparison) -> dict:
         job.progress(f"{row.cell}: running")
         ref_key = json.dumps(manifest["reference"]["files"], sort_keys=True)
         if ref_key not in references:  # the reference checkpoint, checked against the manifest as the torch backend does
-            references[ref_key] = FloatReference(_reference_model(bundle, manifest))
+            references[ref_key] = FloatReference(reference_model(bundle, manifest))
         reference = references[ref_key]
         tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
         prompt_ids = prompt_ids_for(job.prompt, tokenizer, manifest["tokenizer"]["bos_id"])

@@ -60,7 +60,7 @@ def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2):
     stop_ids, bos_id = manifest["tokenizer"]["stop_ids"], manifest["tokenizer"]["bos_id"]
     vocab_size = manifest["model"]["config"]["vocab_size"]
     if backend == "torch":
-        model = _reference_model(path, manifest)
+        model = reference_model(path, manifest)
         session = session_for_model(model, tokenizer.path, cache_len, prefill_lengths)
         session.stop_ids = stop_ids
         return session
@@ -74,7 +74,7 @@ def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2):
     return Session(executor, tokenizer, per_layer_rows, bos_id, stop_ids, vocab_size)
 
 
-def _reference_model(bundle: Path, manifest: dict):
+def reference_model(bundle: Path, manifest: dict):
     from models.checkpoint import load_text_decoder
     from runtime_py.manifest import sha256_of
 

@@ -67,7 +67,8 @@ class LiteRtExecutor:
     def per_layer_rows(self, ids: np.ndarray) -> np.ndarray:
         return self._lookup(self.per_layer_embedder, ids)[0]
 
-    def _run(self, signature: str, embeds, rows, start: int) -> np.ndarray:
+    def _call(self, signature: str, embeds, rows, start: int) -> dict[str, np.ndarray]:
+        """One signature call; the KV cache outputs become the next call's inputs. Returns every output."""
         T = embeds.shape[1]
         out = self._runners[signature](
             embeddings=embeds.astype(np.float32),
@@ -77,7 +78,10 @@ class LiteRtExecutor:
             **self.cache,
         )
         self.cache = {k: out[k] for k in self.cache}
-        return out["logits"][0, -1]
+        return out
+
+    def _run(self, signature: str, embeds, rows, start: int) -> np.ndarray:
+        return self._call(signature, embeds, rows, start)["logits"][0, -1]
 
     def prefill(self, embeds, rows, start: int) -> np.ndarray:
         return self._run(f"prefill_{embeds.shape[1]}", embeds, rows, start)

@@ -301,9 +301,9 @@ def reference_chunk_logits(bundle: Path, manifest: dict, ids: list[int]) -> np.n
     """The float reference model's last-position logits for `ids` from position 0 (one prefill chunk)."""
     import torch
 
-    from runtime_py.engine import _reference_model
+    from runtime_py.engine import reference_model
 
-    model = _reference_model(bundle, manifest)
+    model = reference_model(bundle, manifest)
     with torch.no_grad():
         model.setup_caches(manifest["export_spec"]["cache_len"])
         prompt = torch.tensor([ids])
