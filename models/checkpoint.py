@@ -166,15 +166,19 @@ def load_text_decoder(path: str | os.PathLike, dtype: torch.dtype | None = None)
         else:
             unexpected.append(key)
     _check_keys_and_shapes(path, reader, expected, unexpected)
-
-    if dtype is None:
-        dtype = _torch_dtype(reader.dtype_of(hf_name("embed_tokens.weight", prefix)))
-    state = {expected[k][0]: t.to(dtype) for k, t in reader.tensors(list(expected))}
-    model.load_state_dict(state, strict=True, assign=True)
+    _assign_tensors(model, reader, expected, dtype, prefix)
     model.init_buffers()
     model.hf_config = hf_config
     model.carried_tensors = {k: t for k, t in reader.tensors(carried)} if carried else {}
     return model.eval()
+
+
+def _assign_tensors(model, reader: SafetensorsReader, expected: dict, dtype: torch.dtype | None, prefix: str) -> None:
+    """Reads every expected tensor (in `dtype`, by default the checkpoint's own) into a meta-device model."""
+    if dtype is None:
+        dtype = _torch_dtype(reader.dtype_of(hf_name("embed_tokens.weight", prefix)))
+    state = {expected[k][0]: t.to(dtype) for k, t in reader.tensors(list(expected))}
+    model.load_state_dict(state, strict=True, assign=True)
 
 
 # Our Gemma3n's submodules and where transformers keeps them (timm's model sits one level down in the vision tower).
@@ -198,19 +202,15 @@ def _load_gemma3n(path: Path, dtype: torch.dtype | None):
     cfg = Gemma3nConfig.from_hf_dict(hf_config)
     reader = SafetensorsReader.open(path)
     prefix = TEXT_PREFIX[CONDITIONAL_GENERATION]
-    # The towers are built for real (their few non-persistent buffers are computed at construction); the text
-    # decoder, which holds the 2B-parameter PLE table on E2B, is built on the meta device and assigned its tensors.
+    # Built on the meta device and assigned the checkpoint's tensors (the PLE table alone is 2B parameters on E2B);
+    # the towers hold no buffers, the text decoder re-creates its RoPE tables.
     with torch.device("meta"):
-        language_model = TextDecoder(cfg.text)
-    model = Gemma3n(cfg, language_model)
+        model = Gemma3n(cfg)
     expected = {gemma3n_hf_name(k): (k, tuple(v.shape)) for k, v in model.state_dict().items()}
     unexpected = [k for k in reader.keys() if k not in expected and k != "lm_head.weight"
                   and not _is_unused_shared_kv(k, prefix, cfg.text)]
     _check_keys_and_shapes(path, reader, expected, unexpected)
-    if dtype is None:
-        dtype = _torch_dtype(reader.dtype_of(hf_name("embed_tokens.weight", prefix)))
-    state = {expected[k][0]: t.to(dtype) for k, t in reader.tensors(list(expected))}
-    model.load_state_dict(state, strict=True, assign=True)
+    _assign_tensors(model, reader, expected, dtype, prefix)
     model.language_model.init_buffers()
     model.hf_config = hf_config
     return model.eval()

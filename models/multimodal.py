@@ -126,10 +126,10 @@ class Gemma3n(nn.Module):
     `embed_vision`, `embed_audio`), so a Gemma3nForConditionalGeneration checkpoint loads by stripping `model.`
     (and `timm_model.` inside the vision tower)."""
 
-    def __init__(self, cfg: Gemma3nConfig, language_model: TextDecoder | None = None):
+    def __init__(self, cfg: Gemma3nConfig):
         super().__init__()
         self.config = cfg
-        self.language_model = language_model if language_model is not None else TextDecoder(cfg.text)
+        self.language_model = TextDecoder(cfg.text)
         self.vision_tower = MobileNetV5(cfg.vision)
         self.audio_tower = AudioEncoder(cfg.audio)
         self.embed_vision = MultimodalEmbedder(cfg.vision_embedder, cfg.text.hidden_size)

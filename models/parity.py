@@ -89,10 +89,10 @@ def compare_multimodal_with_transformers(checkpoint: str | Path, steps: int = 8)
     ours, hf = load_pretrained(checkpoint, dtype=torch.float32), load_hf_model(checkpoint)
     image, audio = parity_media()
 
-    features, valid = log_mel_features(audio)
+    mel, valid = log_mel_features(audio)
     hf_audio = Gemma3nAudioFeatureExtractor()(audio, sampling_rate=16_000, return_tensors="pt")
-    hf_features = hf_audio["input_features"][0, : features.shape[0]]
-    features, padding = torch.from_numpy(features)[None], ~torch.from_numpy(valid)[None]
+    hf_features = hf_audio["input_features"][0, : mel.shape[0]]
+    features, padding = torch.from_numpy(mel)[None], ~torch.from_numpy(valid)[None]
 
     encodings, _ = ours.audio_tower(features, padding)
     hf_encodings = hf.model.audio_tower(features, padding, return_dict=True).last_hidden_state
@@ -112,7 +112,7 @@ def compare_multimodal_with_transformers(checkpoint: str | Path, steps: int = 8)
 
     return {
         "checkpoint": str(checkpoint),
-        "audio_features": error(torch.from_numpy(log_mel_features(audio)[0]), hf_features),
+        "audio_features": error(features[0], hf_features),
         "audio_encoder": error(encodings, hf_encodings),
         "vision_tower": error(towers, hf_towers),
         "prompt_tokens": ids.shape[1],
