@@ -13,13 +13,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-# The main job on the embedded default model (tiny Gemma 3n, deterministic random weights: the text means nothing,
-# but every backend prints the same text).
+# The main job on the embedded default model (tiny Gemma 3n with its vision and audio encoders, deterministic random
+# weights: the text means nothing, but every backend prints the same text). The last two lines prompt with an image
+# and an audio clip (models/assets/make_media.py), on ExecuTorch and on the float PyTorch reference.
 run: install
 	rm -rf out/default
 	$(BIN)/g3n bundle --out out/default
 	$(BIN)/g3n generate --bundle out/default/android --backend litertlm "Write a short story about a robot."
 	$(BIN)/g3n generate --bundle out/default/executorch --backend executorch "Write a short story about a robot."
+	$(BIN)/g3n generate --bundle out/default/executorch --backend executorch --image models/assets/sample.png --audio models/assets/sample.wav "Describe this."
+	$(BIN)/g3n generate --bundle out/default/executorch --backend torch --image models/assets/sample.png --audio models/assets/sample.wav "Describe this."
 
 test: install
 	$(BIN)/python -m pytest -q

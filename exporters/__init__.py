@@ -13,6 +13,7 @@ from pathlib import Path
 
 from exporters.spec import ExportSpec
 from models.fileio import atomic_directory
+from models.multimodal import Gemma3n
 from models.text import TextDecoder
 
 
@@ -30,8 +31,13 @@ def _target_fn(target: str):
     return export_coreml
 
 
-def export(model: TextDecoder, spec: ExportSpec, out_dir: str | Path, **target_kwargs) -> Path:
+def export(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | Path, **target_kwargs) -> Path:
+    """model: a TextDecoder, or a whole Gemma3n when spec.components holds encoders (each target function takes
+    either, and lowers the encoders next to the decoder)."""
+    from exporters.encoders import split_model
     from exporters.ple import write_ple_asset
+
+    decoder, _ = split_model(model, spec)
 
     with atomic_directory(out_dir) as tmp:
         if spec.target == "executorch":  # it writes a folder of its own: move its files up
@@ -42,7 +48,7 @@ def export(model: TextDecoder, spec: ExportSpec, out_dir: str | Path, **target_k
         else:
             _target_fn(spec.target)(model, spec, tmp, **target_kwargs)
         if spec.target == "coreml":  # LiteRT and ExecuTorch carry the table in their own files (.litertlm, .ptd)
-            write_ple_asset(model, tmp, spec.ple_storage)
+            write_ple_asset(decoder, tmp, spec.ple_storage)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / "export.json").write_text(json.dumps({"spec": spec.as_dict(), "files": files}, indent=2) + "\n")
     return Path(out_dir)

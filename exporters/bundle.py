@@ -8,9 +8,17 @@
     out/reference/    the float checkpoint (Hugging Face layout) and tokenizer: what the torch backend runs and every
                       target is compared with; not meant for apps
 
-Every target folder also holds golden.safetensors (a fixed chat prompt's token ids, the float model's prefill and
-decode logits and greedy tokens) for checks on devices. Nothing time- or path-dependent goes into a bundle, so the
+Every target folder also holds golden.safetensors (a fixed chat prompt's token ids, the float text decoder's prefill
+and decode logits and greedy tokens) for checks on devices. Nothing time- or path-dependent goes into a bundle, so the
 same inputs build byte-identical bundles and zips.
+
+A whole Gemma 3n (the default model, or a Gemma3nForConditionalGeneration checkpoint) also brings its vision and audio
+encoders, lowered where each target keeps them (the .litertlm's sections, methods of the .pte, vision_encoder and
+audio_encoder .mlpackages), plus in every target folder:
+    golden_media.safetensors   a fixed image and audio clip, the encoders' exact inputs, the float embeddings
+    media_tokens.safetensors   the embedders' hard-token rows (every id of the vision and audio vocabularies)
+and the manifest's `encoders` entry (sizes, shapes, media token ids, quantization). Its reference/ checkpoint is the
+whole model.
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ from safetensors.torch import save_file
 
 from exporters import export
 from exporters.spec import ExportSpec
-from models.accounting import count_config
+from models.accounting import count_checkpoint, count_config
 from models.checkpoint import save_pretrained
 from models.errors import InputError
 from models.fileio import atomic_directory
 from models.generate import prefill_and_decode
+from models.multimodal import Gemma3n
 from models.text import TextDecoder
 from runtime_py.components.chat_template import JINJA, render
 from runtime_py.components.stop import stop_ids_for
@@ -44,6 +53,18 @@ QUANT_LEVELS = {
     "int8": {"litert": "int8-weight-only", "executorch": "8da8w", "coreml": "int8-per-channel"},
     "int4": {"litert": "int4-blockwise", "executorch": "8da4w", "coreml": "int4-per-block"},
 }
+# The encoders take int8 weights at most (MobileNet-V5 is a convnet): every level above none gives them the
+# target's int8 scheme (exporters.spec.ENCODER_QUANT_SCHEMES).
+ENCODER_QUANT_LEVELS = {
+    "none": {"litert": "none", "executorch": "none", "coreml": "none"},
+    "int8": {"litert": "int8-weight-only", "executorch": "int8-weight-only", "coreml": "int8-per-channel"},
+    "int4": {"litert": "int8-weight-only", "executorch": "int8-weight-only", "coreml": "int8-per-channel"},
+}
+TEXT_CACHE_LEN = 256
+# A prompt with one image (258 tokens and the newlines around them) and one 30 s audio window (190) needs ~460
+# positions before any text: multimodal bundles default to 1024, or the model's maximum if smaller (the tiny model:
+# 512, which leaves ~50 positions for text and the answer).
+MULTIMODAL_CACHE_LEN = 1024
 GOLDEN_PROMPT = "Write a short story about a robot who learns to cook."
 GOLDEN_STEPS = 8
 
@@ -68,35 +89,98 @@ def _token_embeddings(model: TextDecoder) -> dict[str, torch.Tensor]:
     return {"weight": (model.embed_tokens.weight.detach().float() * model.embed_scale).half().contiguous()}
 
 
-def _write_target(target: str, folder: Path, model: TextDecoder, spec: ExportSpec, tokenizer: Tokenizer) -> None:
-    if target == "android":
-        from exporters.litert import DECODER_FILE, EMBEDDER_FILE, PER_LAYER_EMBEDDER_FILE
+def checkpoint_config(model: Gemma3n) -> dict:
+    """The config.json that save_pretrained writes for a whole model: the one it was loaded with, or for the embedded
+    default (built in code) the transformers config it corresponds to, so that reference/ loads back the same model."""
+    if getattr(model, "hf_config", None):
+        return model.hf_config
+    from models.checkpoint import CONDITIONAL_GENERATION
+    from models.default import tiny_gemma3n_config
+    from models.hf_reference import hf_config
 
+    if model.config != tiny_gemma3n_config():
+        raise InputError("a whole Gemma3n built in code needs its config.json as `hf_config` to be bundled")
+    return hf_config(model.config.text, CONDITIONAL_GENERATION).to_dict()
+
+
+def default_cache_len(model: TextDecoder | Gemma3n) -> int:
+    if isinstance(model, Gemma3n):
+        return min(MULTIMODAL_CACHE_LEN, model.config.text.max_position_embeddings)
+    return TEXT_CACHE_LEN
+
+
+def _write_target(target: str, folder: Path, model: TextDecoder | Gemma3n, spec: ExportSpec,
+                  tokenizer: Tokenizer) -> None:
+    decoder = model.language_model if isinstance(model, Gemma3n) else model
+    if target == "android":
         export(model, spec, folder, tokenizer_path=tokenizer.path)  # creates `folder` atomically
-        for name in (DECODER_FILE, EMBEDDER_FILE, PER_LAYER_EMBEDDER_FILE):  # all three are inside the .litertlm
-            (folder / name).unlink()
+        for tflite in folder.glob("*.tflite"):  # decoder, embedders and encoders are all sections of the .litertlm
+            tflite.unlink()
     else:
         export(model, spec, folder)
     (folder / "export.json").unlink()  # its content moves into the manifest
     if target == "ios":
-        save_file(_token_embeddings(model), folder / "embeddings.safetensors", metadata={"scaled": "sqrt(hidden)"})
+        save_file(_token_embeddings(decoder), folder / "embeddings.safetensors", metadata={"scaled": "sqrt(hidden)"})
     # Android apps read the tokenizer inside the .litertlm; the copy serves host-side runtimes.
     shutil.copyfile(tokenizer.path, folder / tokenizer.path.name)
     (folder / "chat_template.jinja").write_text(JINJA)
 
 
+def _encoders_entry(model: Gemma3n, spec: ExportSpec, golden_media: dict[str, torch.Tensor]) -> dict:
+    """The manifest's account of the encoders: what each takes and gives, the media ids, the golden media."""
+    from dataclasses import asdict
+
+    from exporters.encoders import AUDIO_WINDOW_FRAMES, AUDIO_WINDOW_SAMPLES
+    from models.audio import SAMPLE_RATE
+
+    h, tokens = model.config.text.hidden_size, model.config.tokens
+    return {
+        "components": list(spec.encoders),
+        "image_sizes": list(spec.image_sizes),
+        "quantization": {"scheme": spec.encoder_quant, "recipe": spec.encoder_recipe},
+        "vision": {
+            "inputs": {f"pixel_values_{s}": [1, 3, s, s] for s in spec.image_sizes},
+            "output": {"image_embeddings": [1, tokens.image_soft_tokens, h]},
+            "pixel_values": "RGB float32 in [0, 1], resized (bilinear, antialiased) to S x S",
+        },
+        "audio": {
+            "inputs": {"features": [1, AUDIO_WINDOW_FRAMES, 128], "padding_mask": [1, AUDIO_WINDOW_FRAMES]},
+            "output": {"audio_embeddings": [1, tokens.audio_soft_tokens, h]},
+            "window": {"seconds": AUDIO_WINDOW_SAMPLES / SAMPLE_RATE, "sample_rate": SAMPLE_RATE,
+                       "features": "log-mel (Gemma3nAudioFeatureExtractor), padding_mask float32 1.0 = padded"},
+        },
+        "media_tokens": asdict(tokens),
+        "media_token_embeddings": {
+            "file": "media_tokens.safetensors",
+            "vision": {"first_id": model.embed_vision.vocab_offset, "rows": model.embed_vision.vocab_size},
+            "audio": {"first_id": model.embed_audio.vocab_offset, "rows": model.embed_audio.vocab_size},
+        },
+        "golden_media": {
+            "file": "golden_media.safetensors",
+            "image": "exporters.encoders.golden_image(): 600x400 RGB uint8",
+            "audio": f"exporters.encoders.golden_audio(): {golden_media['audio_waveform'].numel()} samples at "
+                     f"{SAMPLE_RATE} Hz",
+            "tensors": {k: list(v.shape) for k, v in sorted(golden_media.items())},
+        },
+    }
+
+
 def build_bundles(
-    model: TextDecoder,
+    model: TextDecoder | Gemma3n,
     out: str | Path,
     targets: list[str],
     quant: str = "none",
     tokenizer_path: str | Path | None = None,
-    cache_len: int = 256,
+    cache_len: int | None = None,
     prefill_lengths: tuple[int, ...] = (32,),
     source: dict | None = None,
     make_zip: bool = False,
     progress=lambda message: None,
+    image_sizes: tuple[int, ...] = (768,),
 ) -> Path:
+    """model: a TextDecoder (text-only bundles) or a whole Gemma3n (the encoders too, at `image_sizes`).
+    cache_len: by default TEXT_CACHE_LEN, or for a whole model MULTIMODAL_CACHE_LEN capped at its maximum positions."""
+    from exporters.encoders import golden_media, media_token_embeddings
     from runtime_py.engine import DEFAULT_TOKENIZER
 
     unknown = [t for t in targets if t not in TARGETS]
@@ -104,21 +188,35 @@ def build_bundles(
         raise InputError(f"--targets: unknown target {unknown[0] if unknown else '(none)'} ({', '.join(TARGETS)})")
     if quant not in QUANT_LEVELS:
         raise InputError(f"--quant: {quant!r} is not one of {', '.join(QUANT_LEVELS)}")
+    whole = model.float().eval() if isinstance(model, Gemma3n) else None
+    if whole is not None:
+        whole.hf_config = checkpoint_config(whole)
+    decoder = whole.language_model if whole is not None else model.float().eval()
+    cache_len = default_cache_len(model) if cache_len is None else cache_len
     tokenizer = Tokenizer(tokenizer_path or DEFAULT_TOKENIZER)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise InputError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces, more than the model's {model.config.vocab_size}")
-    model = model.float().eval()
-    golden, golden_tensors = golden_vectors(model, tokenizer)
-    cfg = model.config
+    if tokenizer.vocab_size > decoder.config.vocab_size:
+        raise InputError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces, more than the model's "
+                         f"{decoder.config.vocab_size}")
+    components = ("decoder", "vision", "audio") if whole is not None else ("decoder",)
+    # Every spec is checked (sizes, lengths) before minutes of golden vectors and lowering.
+    specs = {target: ExportSpec(target=TARGETS[target], cache_len=cache_len, prefill_lengths=tuple(prefill_lengths),
+                                quant=QUANT_LEVELS[quant][TARGETS[target]], components=components,
+                                image_sizes=tuple(image_sizes),
+                                encoder_quant=ENCODER_QUANT_LEVELS[quant][TARGETS[target]] if whole else "none")
+             for target in targets}
+    golden, golden_tensors = golden_vectors(decoder, tokenizer)
+    media_tensors = golden_media(whole, tuple(image_sizes)) if whole is not None else None
+    cfg = decoder.config
     with atomic_directory(out) as tmp:
         progress("reference checkpoint")
         save_pretrained(model, tmp / "reference")
         shutil.copyfile(tokenizer.path, tmp / "reference" / tokenizer.path.name)
+        parameters = (count_checkpoint(tmp / "reference") if whole is not None
+                      else count_config(cfg, multimodal=False)).as_dict()
         for target in targets:
-            backend_target = TARGETS[target]
-            spec = ExportSpec(target=backend_target, cache_len=cache_len, prefill_lengths=tuple(prefill_lengths),
-                              quant=QUANT_LEVELS[quant][backend_target])
-            progress(f"{target}: lowering to {backend_target} ({spec.quant})")
+            backend_target, spec = TARGETS[target], specs[target]
+            encoders = f", encoders {spec.encoder_quant}" if whole is not None else ""
+            progress(f"{target}: lowering to {backend_target} ({spec.quant}{encoders})")
             folder = tmp / target
             _write_target(target, folder, model, spec, tokenizer)
             save_file(golden_tensors, folder / golden["file"])
@@ -129,7 +227,7 @@ def build_bundles(
                 "model": {
                     "architecture": "gemma3n",
                     "config": cfg.to_hf_text_dict(),
-                    "parameters": count_config(cfg, multimodal=False).as_dict(),
+                    "parameters": parameters,
                     "matformer_slice": (source or {}).get("matformer_slice"),
                     "source": (source or {}).get("name", "unknown"),
                 },
@@ -144,8 +242,12 @@ def build_bundles(
                 },
                 "golden": golden,
                 "reference": {"path": "../reference", "files": file_entries(tmp / "reference", exclude=())},
-                "files": file_entries(folder),
             }
+            if whole is not None:
+                save_file(media_tensors, folder / "golden_media.safetensors")
+                save_file(media_token_embeddings(whole), folder / "media_tokens.safetensors")
+                manifest["encoders"] = _encoders_entry(whole, spec, media_tensors)
+            manifest["files"] = file_entries(folder)
             (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if make_zip:
             for target in targets:

@@ -1,4 +1,5 @@
-"""Core ML target: one multifunction `.mlpackage` (iOS 18) whose functions share weights and the KV cache state.
+"""Core ML target: one multifunction `.mlpackage` (iOS 18) whose functions share weights and the KV cache state, and
+one package per encoder of spec.encoders beside it.
 
 Functions of `model.mlpackage` (T: every length of spec.prefill_lengths):
 
@@ -11,10 +12,22 @@ RoPE are computed in-graph from input_pos, so there is no mask input. The KV cac
 `<layer>_k_cache` / `<layer>_v_cache` [1, K, C, D] per cache-owning layer, with the same names in every function.
 Neither table lookup is in the package: an app reads the PLE rows from the safetensors asset (exporters.ple) and the
 token embeddings from its own copy of the table; the tied LM head keeps its weight inside the graph.
+
+The encoders (exporters.encoders: each the tower and its embedder into the text width, as one graph), fp16 compute,
+float32 inputs and outputs (the outputs are rows of the decoder's float32 inputs_embeds):
+
+  vision_encoder.mlpackage  vision_encoder_<S>(pixel_values [1,3,S,S]) -> image_embeddings [1,256,H]
+                            one function per size of spec.image_sizes, sharing the weights; default: the first size
+  audio_encoder.mlpackage   audio_encoder(features [1,2997,128], padding_mask [1,2997] (1.0 = padded))
+                                                                            -> audio_embeddings [1,188,H]
+
+Weights are fp16, or with spec.encoder_quant "int8-per-channel" int8 per output channel (convolution, linear and
+matmul weights of more than MIN_QUANTIZED_ELEMENTS elements; ENCODER_WEIGHT_OPS).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -25,15 +38,31 @@ from pathlib import Path
 
 import coremltools as ct
 import coremltools.optimize.coreml as cto
+import numpy as np
 import torch
 from coremltools.converters.mil.frontend.milproto.load import load as load_mil_program
 from torch import Tensor, nn
 
+from exporters.encoders import (
+    AudioEmbedder,
+    VisionEmbedder,
+    audio_sample_inputs,
+    golden_media,
+    split_model,
+    vision_sample_inputs,
+)
 from exporters.spec import ExportSpec
+from models.multimodal import Gemma3n
 from models.text import KVCache, TextDecoder
 
 PACKAGE_NAME = "model.mlpackage"
 DECODE = "decode"
+VISION_PACKAGE, AUDIO_PACKAGE = "vision_encoder.mlpackage", "audio_encoder.mlpackage"
+AUDIO_FUNCTION = "audio_encoder"
+# The encoders quantize the weights of convolutions and linear layers only (coremltools lowers the vision embedder's
+# projection to a matmul). Other large constants are activations folded at conversion (the audio adapter's padding
+# row broadcast to [1, 188, H]): rounded per tensor they would cost every padded position accuracy for a few kB.
+ENCODER_WEIGHT_OPS = ("conv", "linear", "matmul")
 WEIGHTS_DIR = Path("Data", "com.apple.CoreML", "weights")
 # Only weights of more than this many elements are compressed; the rest (norm scales, AltUp coefficients, small
 # projections) stay fp16, since compressing them saves almost nothing. coremltools' own default.
@@ -42,6 +71,10 @@ MIN_QUANTIZED_ELEMENTS = 2048
 
 def prefill_function_name(length: int) -> str:
     return f"prefill_{length}"
+
+
+def vision_function_name(size: int) -> str:
+    return f"vision_encoder_{size}"
 
 
 class SliceWriteKVCache(KVCache):
@@ -98,21 +131,29 @@ def sample_inputs(model: TextDecoder, length: int, start: int = 0) -> tuple[Tens
     )
 
 
-def convert_step(model: TextDecoder, length: int, last_position_only: bool) -> ct.models.MLModel:
-    """One function: torch.export of the decoder step for `length` new tokens, converted with fp16 compute."""
-    with torch.no_grad():
-        program = torch.export.export(CoreMLStep(model, last_position_only), sample_inputs(model, length))
+def convert_program(program: torch.export.ExportedProgram, outputs: list[ct.TensorType]) -> ct.models.MLModel:
+    """One function with fp16 compute (iOS 18: states, multifunction packages, int8 per-channel constexprs)."""
     return ct.convert(
         program.run_decompositions(),
         minimum_deployment_target=ct.target.iOS18,
         compute_precision=ct.precision.FLOAT16,
-        outputs=[ct.TensorType(name="logits")],
+        outputs=outputs,
         skip_model_load=True,  # Linux cannot load Core ML models; macOS loads the saved package when it is used
     )
 
 
-def compression_config(spec: ExportSpec) -> cto.OptimizationConfig | None:
-    """The coremltools config for spec.quant (a scheme of QUANT_SCHEMES["coreml"]); None for "none"."""
+def convert_step(model: TextDecoder, length: int, last_position_only: bool) -> ct.models.MLModel:
+    """One function: torch.export of the decoder step for `length` new tokens, converted with fp16 compute."""
+    with torch.no_grad():
+        program = torch.export.export(CoreMLStep(model, last_position_only), sample_inputs(model, length))
+    return convert_program(program, [ct.TensorType(name="logits")])
+
+
+def compression_config(recipe: str, block_size: int = 32,
+                       weight_ops: tuple[str, ...] | None = None) -> cto.OptimizationConfig | None:
+    """The coremltools config for a recipe (spec.recipe or spec.encoder_recipe); None for "" (no compression).
+    Per channel means per output channel (coremltools infers the axis from the consuming op). weight_ops: compress
+    only the constants these MIL ops consume (None: every large constant)."""
     kw = {"weight_threshold": MIN_QUANTIZED_ELEMENTS}
     op_config = {
         "": None,
@@ -120,23 +161,31 @@ def compression_config(spec: ExportSpec) -> cto.OptimizationConfig | None:
             mode="linear_symmetric", dtype="int8", granularity="per_channel", **kw
         ),
         "linear_quantize_int4_per_block": cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=spec.block_size, **kw
+            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=block_size, **kw
         ),
         # A 16-entry lookup table per group of 16 output channels: Apple's recommended 4-bit LLM palettisation.
         "palettize_4bit": cto.OpPalettizerConfig(
             mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16, **kw
         ),
-    }[spec.recipe]
-    return None if op_config is None else cto.OptimizationConfig(global_config=op_config)
+    }[recipe]
+    if op_config is None:
+        return None
+    if weight_ops is None:
+        return cto.OptimizationConfig(global_config=op_config)
+    return cto.OptimizationConfig(op_type_configs={op: op_config for op in weight_ops})
 
 
-def compress(functions: dict[str, ct.models.MLModel], spec: ExportSpec) -> dict[str, ct.models.MLModel]:
-    """Every function compressed with spec.quant's scheme. Each function is compressed on its own, deterministically,
-    so the shared weights come out bit-identical and save_multifunction still stores them once."""
-    config = compression_config(spec)
+def compress(functions: dict[str, ct.models.MLModel], spec: ExportSpec, recipe: str | None = None,
+             weight_ops: tuple[str, ...] | None = None) -> dict[str, ct.models.MLModel]:
+    """Every function compressed with `recipe` (default spec.recipe, the decoder's scheme; the encoders take
+    spec.encoder_recipe) on the constants `weight_ops` consume (compression_config). Each function is compressed on
+    its own, deterministically, so the shared weights come out bit-identical and save_multifunction still stores them
+    once."""
+    config = compression_config(spec.recipe if recipe is None else recipe, spec.block_size, weight_ops)
     if config is None:
         return functions
-    palettize = isinstance(config.global_config, cto.OpPalettizerConfig)
+    op_configs = [config.global_config, *config.op_type_configs.values()]
+    palettize = any(isinstance(op_config, cto.OpPalettizerConfig) for op_config in op_configs)
     method = cto.palettize_weights if palettize else cto.linear_quantize_weights
     return {name: method(mlmodel, config) for name, mlmodel in functions.items()}
 
@@ -152,8 +201,9 @@ def convert_functions(model: TextDecoder, spec: ExportSpec) -> dict[str, ct.mode
         restore_caches(model, replaced)
 
 
-def write_package(functions: dict[str, ct.models.MLModel], out_dir: str | os.PathLike) -> Path:
-    """out_dir/model.mlpackage holding `functions`, staged in a temporary folder and renamed into place at the end.
+def write_package(functions: dict[str, ct.models.MLModel], out_dir: str | os.PathLike,
+                  package_name: str = PACKAGE_NAME, default_function: str = DECODE) -> Path:
+    """out_dir/<package_name> holding `functions`, staged in a temporary folder and renamed into place at the end.
     save_multifunction deduplicates the functions' identical weights, so they are stored once."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,11 +213,11 @@ def write_package(functions: dict[str, ct.models.MLModel], out_dir: str | os.Pat
             path = os.path.join(scratch, f"{name}.mlpackage")
             mlmodel.save(path)
             descriptor.add_function(path, src_function_name="main", target_function_name=name)
-        descriptor.default_function_name = DECODE
-        staged = Path(scratch) / PACKAGE_NAME
+        descriptor.default_function_name = default_function
+        staged = Path(scratch) / package_name
         ct.utils.save_multifunction(descriptor, str(staged))
         make_reproducible(staged)
-        target = out_dir / PACKAGE_NAME
+        target = out_dir / package_name
         if target.exists():
             shutil.rmtree(target)
         staged.rename(target)
@@ -190,10 +240,67 @@ def make_reproducible(package: Path) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=4) + "\n")
 
 
-def export_coreml(model: TextDecoder, spec: ExportSpec, out_dir: str | os.PathLike) -> Path:
-    """Writes out_dir/model.mlpackage (prefill_<T> and decode over one KV-cache state) and returns its path.
-    The model is left as it was, its own caches included."""
-    return write_package(compress(convert_functions(model.eval(), spec), spec), out_dir)
+def export_coreml(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | os.PathLike) -> Path:
+    """Writes out_dir/model.mlpackage (prefill_<T> and decode over one KV-cache state), and beside it the packages of
+    spec.encoders (of a whole Gemma3n); returns the decoder package's path. The model is left as it was, its own
+    caches included."""
+    decoder, whole = split_model(model, spec)
+    package = write_package(compress(convert_functions(decoder.eval(), spec), spec), out_dir)
+    for name, (functions, default) in convert_encoder_packages(whole, spec).items():
+        write_package(compress(functions, spec, spec.encoder_recipe, ENCODER_WEIGHT_OPS), out_dir, name, default)
+    return package
+
+
+# --- encoders ------------------------------------------------------------------------------------------------------
+
+aten = torch.ops.aten
+
+
+def gather_without_bools(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Rewrites every index_select of a bool tensor (the audio encoder subsamples its padding mask so) as one of int32
+    with int32 indices, in place. Core ML's gather takes neither bool data nor the float indices that coremltools
+    makes of a clamped int64 arange."""
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.target != aten.index_select.default or node.args[0].meta["val"].dtype != torch.bool:
+            continue
+        data, index = node.args[0], node.args[2]
+        with graph.inserting_before(node):
+            data_int = graph.call_function(aten._to_copy.default, (data,), {"dtype": torch.int32})
+            data_int.meta["val"] = data.meta["val"].to(torch.int32)
+            index_int = graph.call_function(aten._to_copy.default, (index,), {"dtype": torch.int32})
+            index_int.meta["val"] = index.meta["val"].to(torch.int32)
+        node.replace_input_with(data, data_int)
+        node.replace_input_with(index, index_int)
+        selected = node.meta["val"]
+        node.meta["val"] = selected.to(torch.int32)
+        with graph.inserting_after(node):
+            as_bool = graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.bool})
+            as_bool.meta["val"] = selected
+        node.replace_all_uses_with(as_bool, delete_user_cb=lambda user: user is not as_bool)
+    program.graph_module.recompile()
+    return program
+
+
+def convert_encoder(module: nn.Module, sample_args: tuple[Tensor, ...], output_name: str) -> ct.models.MLModel:
+    """One encoder function: its fixed-shape torch.export, fp16 compute, a float32 output named `output_name`."""
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), sample_args)
+    return convert_program(gather_without_bools(program), [ct.TensorType(name=output_name, dtype=np.float32)])
+
+
+def convert_encoder_packages(whole: Gemma3n | None, spec: ExportSpec) -> dict[str, tuple[dict, str]]:
+    """Package name -> (fp16 functions by name, default function) for every encoder of spec.encoders."""
+    packages = {}
+    if "vision" in spec.encoders:
+        vision = VisionEmbedder(whole)
+        functions = {vision_function_name(size): convert_encoder(vision, vision_sample_inputs(size), "image_embeddings")
+                     for size in spec.image_sizes}
+        packages[VISION_PACKAGE] = functions, vision_function_name(spec.image_sizes[0])
+    if "audio" in spec.encoders:
+        audio = convert_encoder(AudioEmbedder(whole), audio_sample_inputs(), "audio_embeddings")
+        packages[AUDIO_PACKAGE] = {AUDIO_FUNCTION: audio}, AUDIO_FUNCTION
+    return packages
 
 
 # --- inspection (what Linux can check of a package; the bundle manifest reads the same summary) -----------------
@@ -241,3 +348,65 @@ def summarize_mlpackage(package: str | os.PathLike) -> dict:
         "functions": functions,
         "weight_bytes": weight_bytes(package),
     }
+
+
+# --- what the encoders' numerics will be: an eager simulation (Linux cannot run Core ML) ---------------------------
+
+
+@torch.no_grad()
+def fake_quantize_int8_per_channel_(module: nn.Module) -> int:
+    """Rounds, in place, every convolution and linear weight of more than MIN_QUANTIZED_ELEMENTS elements through int8
+    as coremltools' linear_symmetric per-channel scheme does (in the weight's own dtype: scale = max|w| / 127 per
+    output channel, round, clip to +-127); returns how many weights it rounded."""
+    rounded = 0
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and layer.weight.numel() > MIN_QUANTIZED_ELEMENTS:
+            w = layer.weight
+            scale = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True) / 127
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            w.copy_((w / scale).round().clamp(-127, 127) * scale)
+            rounded += 1
+    return rounded
+
+
+def embedding_errors(expected: Tensor, actual: Tensor) -> dict[str, float]:
+    """max abs error, cosine similarity of the flattened embeddings, and the largest reference magnitude for scale."""
+    expected, actual = expected.double().flatten(), actual.double().flatten()
+    return {
+        "max_abs": (actual - expected).abs().max().item(),
+        "cosine": torch.nn.functional.cosine_similarity(actual, expected, dim=0).item(),
+        "ref_max_abs": expected.abs().max().item(),
+    }
+
+
+SIMULATIONS = ("fp16", "int8-weights", "int8-weights+fp16")
+
+
+@torch.no_grad()
+def simulate_encoder_errors(whole: Gemma3n, image_sizes: tuple[int, ...] = (768,), audio: bool = True,
+                            simulations: tuple[str, ...] = SIMULATIONS) -> dict[str, dict]:
+    """Errors the Core ML encoders should show against the float embedders on golden_media() inputs, simulated in
+    eager PyTorch on the CPU: "fp16" (weights and compute, the float package), "int8-weights" (int8 per-channel
+    weights, float32 compute: the quantization alone) and "int8-weights+fp16" (what the int8 package computes).
+    Core ML's own kernels (fused ops, accumulation order, the ANE) differ; these are estimates, not measurements.
+    Returns {"vision_<S>" for each of image_sizes, and "audio" if audio: {simulation: embedding_errors}}."""
+    golden = golden_media(whole, image_sizes)
+    cases = {f"vision_{s}": (VisionEmbedder, (golden[f"pixel_values_{s}"],), golden[f"image_embeddings_{s}"])
+             for s in image_sizes}
+    if audio:
+        cases["audio"] = (AudioEmbedder, (golden["audio_features"], golden["audio_padding_mask"]),
+                          golden["audio_embeddings"])
+    errors = {}
+    for case, (embedder_class, inputs, expected) in cases.items():
+        errors[case] = {}
+        for simulation in simulations:
+            embedder = copy.deepcopy(embedder_class(whole)).eval()
+            dtype = torch.float16 if simulation.endswith("fp16") else torch.float32
+            embedder.to(dtype)  # int8 scales are then computed in fp16, as coremltools computes them on fp16 weights
+            for layer in embedder.modules():  # the conformer clamps at +-1e10, beyond fp16: fp16's range bounds it
+                if isinstance(getattr(layer, "clip", None), float):
+                    layer.clip = min(layer.clip, torch.finfo(dtype).max)
+            if simulation.startswith("int8"):
+                fake_quantize_int8_per_channel_(embedder)
+            errors[case][simulation] = embedding_errors(expected, embedder(*(x.to(dtype) for x in inputs)).float())
+    return errors

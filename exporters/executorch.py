@@ -16,10 +16,24 @@ The decoder graphs take the per-layer rows as an input, so the PLE table is a co
 alone, and that one constant is written to `per_layer_embeddings.ptd`, which the runtime memory-maps.
 The runner's own decoder loop (`forward(tokens, pos)`) cannot drive Gemma 3n, whose decoder needs the per-layer rows
 as a second input; an app calls the embedders, then prefill_<T> / decode.
+
+A whole Gemma3n model adds its encoders (exporters.encoders, each the encoder and its adapter as one graph), named as
+the MultimodalRunner names them (vision_encoder, audio_encoder):
+
+  vision_encoder_<S>(pixel_values [1,3,S,S] f32 in [0,1]) -> image_embeddings [1,256,H]   for each S of image_sizes
+  vision_encoder(pixel_values [1,3,S0,S0])                 -> the same, at the first (default) size S0
+  audio_encoder(features [1,2997,128] f32, padding_mask [1,2997] f32 (1.0 = padded)) -> audio_embeddings [1,188,H]
+  get_image_sizes                                          -> image_sizes (a constant, the default first)
+
+The sizes' graphs read one copy of the vision weights: XNNPACK files constants by the hash of their bytes.
+The runner hands its audio encoder one tensor; Gemma 3n's also takes the padding mask, which the runner lacks.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,13 +41,17 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
+from exporters.encoders import AudioEmbedder, VisionEmbedder, audio_sample_inputs, split_model, vision_sample_inputs
 from exporters.ple import quantize_rows_int8
 from exporters.spec import ExportSpec
 from models.errors import InputError
 from models.fileio import atomic_directory
+from models.multimodal import Gemma3n
 from models.text import RMSNorm, TextDecoder, in_dtype
+from models.vision import Conv2dSame, RMSNorm2d, same_padding
 
 PTE_NAME = "model.pte"
+VISION_METHOD, AUDIO_METHOD = "vision_encoder", "audio_encoder"  # extension/llm/runner/constants.h
 PLE_TAG = "per_layer_embeddings"  # the .ptd file name, without its suffix
 _PLE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -71,11 +89,38 @@ class XnnpackRMSNorm(nn.Module):
         return out.type_as(x)
 
 
+class XnnpackRMSNorm2d(nn.Module):
+    """MobileNet-V5's RMSNorm2d ([B, C, H, W], over channels) with the mean of squares as a 1x1 convolution by a
+    constant 1/C kernel: XNNPACK's mean takes only the spatial dims and it refuses pow, so each of the original's
+    norms would split the vision graph between XNNPACK and the portable kernels (with this one, XNNPACK runs all but
+    the MSFA's nearest-neighbour upsampling). The kernel is a buffer, not a parameter, and quantization leaves it in
+    float (see quantizable_node)."""
+
+    def __init__(self, norm: RMSNorm2d):
+        super().__init__()
+        self.eps, self.weight = norm.eps, norm.weight
+        channels = norm.weight.shape[0]
+        self.register_buffer("mean_kernel", torch.full((1, channels, 1, 1), 1.0 / channels), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean_square = F.conv2d(x * x, self.mean_kernel)
+        return x * torch.rsqrt(mean_square + self.eps) * self.weight.view(1, -1, 1, 1)
+
+
 def swap_norms_(module: nn.Module) -> None:
     for parent in module.modules():
         for name, child in parent.named_children():
             if isinstance(child, RMSNorm):
                 setattr(parent, name, XnnpackRMSNorm(child))
+            elif isinstance(child, RMSNorm2d):
+                setattr(parent, name, XnnpackRMSNorm2d(child))
+
+
+def sharing_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are the original's tensors: module swaps and quantization
+    then replace attributes of the copy, never of the caller's model, and no weight is duplicated."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 def export_decoder(model: TextDecoder, cache_len: int) -> LinearHeadDecoder:
@@ -167,7 +212,7 @@ def quantize_decoder_(decoder: LinearHeadDecoder, spec: ExportSpec) -> None:
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
 
     if spec.recipe == "int8wo":
-        _swap_linears(decoder, lambda m, fqn: not fqn.endswith("_coefs"), Int8WeightOnlyLinear)
+        _swap_modules(decoder, lambda m, fqn: not fqn.endswith("_coefs"), Int8WeightOnlyLinear)
         return
     group = spec.block_size
     if spec.recipe == "8da4w" and group % 32:
@@ -204,11 +249,86 @@ class Int8WeightOnlyLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def _swap_linears(root: nn.Module, keep, make) -> None:
+def _swap_modules(root: nn.Module, keep, make, kind: type | tuple = nn.Linear) -> None:
     for fqn, module in list(root.named_modules()):
-        if isinstance(module, nn.Linear) and keep(module, fqn):
+        if isinstance(module, kind) and keep(module, fqn):
             parent_name, _, name = fqn.rpartition(".")
             setattr(root.get_submodule(parent_name) if parent_name else root, name, make(module))
+
+
+class Int8WeightOnlyConv(nn.Module):
+    """Int8WeightOnlyLinear's form for a Conv1d/Conv2d: int8 weights with one scale per output channel, the scales
+    applied to the output. XNNPACK takes a convolution only with a constant float weight (or with dynamically
+    quantized activations: 8da8w), so these convolutions run on ExecuTorch's portable kernel."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d):
+        super().__init__()
+        w = conv.weight.detach().float()
+        scales = w.flatten(1).abs().amax(dim=1).clamp(min=1e-12) / 127
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        self.register_buffer("weight", torch.round(w / scales.view(shape)).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(conv.weight.dtype).view(1, -1, *([1] * (w.dim() - 2))))
+        self.bias = conv.bias
+        self.conv = F.conv2d if w.dim() == 4 else F.conv1d
+        self.kernel, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.pads_same = isinstance(conv, Conv2dSame) and conv.stride[0] > 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pads_same:  # Conv2dSame's padding of a strided conv, by the input's static size
+            (top, bottom), (left, right) = (same_padding(n, self.kernel[0], self.stride[0]) for n in x.shape[-2:])
+            x = F.pad(x, (left, right, top, bottom))
+        out = self.conv(x, self.weight.to(x.dtype), None, self.stride, self.padding, self.dilation, self.groups)
+        out = out * self.scales
+        return out if self.bias is None else out + self.bias.view_as(self.scales)
+
+
+def quantizable_node(node: torch.fx.Node) -> bool:
+    """XNNPACKQuantizer's filter for the encoders: every Linear and convolution it supports (depthwise and
+    non-2-D convolutions it skips by itself) except the norms' mean-of-squares convolutions."""
+    norm = f"{XnnpackRMSNorm2d.__module__}.{XnnpackRMSNorm2d.__qualname__}"
+    types = [t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+             for _, t in node.meta.get("nn_module_stack", {}).values()]
+    return norm not in types
+
+
+def _quantize_8da8w(program: torch.export.ExportedProgram, args: tuple) -> torch.export.ExportedProgram:
+    """PT2E with XNNPACK's quantizer: int8 per-channel weights and int8 activations quantized on the fly for the
+    Linears and the 2-D, non-depthwise convolutions, which XNNPACK runs as qd8-f32-qc8w. torchao's 8da8w source
+    transform covers Linears only, and MobileNet-V5 is mostly 1x1 convolutions."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    class DynamicQuantizer(XNNPACKQuantizer):
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            # XNNPACKQuantizer turns every scalar operand of add/mul into a float tensor for its static patterns;
+            # dynamic quantization has none, and the audio encoder's integer index arithmetic must stay integer.
+            return model
+
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+    quantizer = DynamicQuantizer().set_global(config).set_filter_function(quantizable_node)
+    prepared = prepare_pt2e(program.module(), quantizer)
+    prepared(*args)  # the weight observers record each channel's range
+    return torch.export.export(convert_pt2e(prepared), args, strict=False)
+
+
+def encoder_program(embedder: nn.Module, args: tuple, recipe: str) -> torch.export.ExportedProgram:
+    """One encoder (exporters.encoders' VisionEmbedder or AudioEmbedder) exported for XNNPACK, its weights quantized
+    by `recipe` (spec.encoder_recipe: "", "int8wo" or "8da8w"). The caller's model is left as it is."""
+    embedder = sharing_copy(embedder).eval()
+    swap_norms_(embedder)
+    if recipe == "int8wo":
+        # Depthwise convolutions stay in float: a few percent of the weights, and XNNPACK runs them only so.
+        _swap_modules(embedder, lambda m, fqn: True, Int8WeightOnlyLinear)
+        _swap_modules(embedder, lambda m, fqn: m.groups == 1, Int8WeightOnlyConv, kind=(nn.Conv1d, nn.Conv2d))
+    with torch.no_grad():
+        program = torch.export.export(embedder, args, strict=False)
+        if recipe == "8da8w":
+            program = _quantize_8da8w(program, args)
+        return program.run_decompositions({torch.ops.aten.gelu.default: gelu_tanh})
 
 
 # --- export and lowering ---------------------------------------------------------------------------------------
@@ -244,6 +364,23 @@ def embedder_programs(model: TextDecoder, spec: ExportSpec) -> dict[str, torch.e
     }
     with torch.no_grad():
         return {name: torch.export.export(m, (ids,), dynamic_shapes=dynamic) for name, m in embedders.items()}
+
+
+def encoder_programs(model: Gemma3n, spec: ExportSpec) -> dict[str, torch.export.ExportedProgram]:
+    """vision_encoder_<S> for each image size and audio_encoder, as far as spec.encoders asks for them."""
+    programs = {}
+    if "vision" in spec.encoders:
+        vision = VisionEmbedder(model).eval()
+        for size in spec.image_sizes:
+            programs[vision_method(size)] = encoder_program(vision, vision_sample_inputs(size), spec.encoder_recipe)
+    if "audio" in spec.encoders:
+        programs[AUDIO_METHOD] = encoder_program(AudioEmbedder(model).eval(), audio_sample_inputs(),
+                                                 spec.encoder_recipe)
+    return programs
+
+
+def vision_method(size: int) -> str:
+    return f"{VISION_METHOD}_{size}"
 
 
 def delegate_friendly_views():
@@ -288,19 +425,62 @@ def runner_metadata(model: TextDecoder, spec: ExportSpec) -> dict:
         "use_sdpa_with_kv_cache": False,
         "enable_dynamic_shape": False,  # the decoder methods have fixed shapes; only the embedders take 1..max T
         "get_prefill_lengths": list(spec.prefill_lengths),
-    }
+    } | ({"get_image_sizes": list(spec.image_sizes)} if "vision" in spec.encoders else {})
 
 
-def lower(programs: dict, metadata: dict):
+@contextmanager
+def bounded_dynamic_quant_layout():
+    """While lowering, XNNPACK's ChannelsLastTaggedReshapePass with its traceback over dynamic quantization bounded.
+
+    ExecuTorch 1.5.1's pass converts a dynamically quantized convolution's input to NHWC ahead of the quantize by
+    walking args[0] back from the dequantize, and goes on past the quantize to the first node that has no inputs
+    (the graph input): it converts that and rewires its users instead. A convolution fed by anything but the graph
+    input then computes garbage, or XNNPACK fails at run time ("Propagating input shapes failed"). Upstream:
+    pytorch/executorch#21637. Here the walk stops at the quantized activation, its inputs hidden for the call."""
+    import executorch.backends.xnnpack._passes as xnnpack_passes
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_dynamic_qdq, is_quant
+
+    original = xnnpack_passes.ChannelsLastTaggedReshapePass
+
+    class BoundedChannelsLastPass(original):
+        def input_to_nhwc(self, graph_module, input_node, target_node):
+            if not is_dynamic_qdq(input_node):
+                return super().input_to_nhwc(graph_module, input_node, target_node)
+            activation = input_node
+            while is_quant(activation) or is_dequant(activation):
+                activation = activation.args[0]
+            inputs, activation.args = activation.args, ()
+            try:
+                return super().input_to_nhwc(graph_module, input_node, target_node)
+            finally:
+                activation.args = inputs
+
+    xnnpack_passes.ChannelsLastTaggedReshapePass = BoundedChannelsLastPass
+    try:
+        yield
+    finally:
+        xnnpack_passes.ChannelsLastTaggedReshapePass = original
+
+
+def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None):
+    """One program of `programs` (name -> ExportedProgram), each lowered to XNNPACK, plus `aliases` (name -> the
+    name of a lowered method it repeats: the default vision size, lowered once)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeProgramManager, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     # Table lookups stay on the portable embedding kernel, which reads rows straight from the mapped .ptd.
     partitioners = {name: [] if name.endswith("embedding") else [XnnpackPartitioner()] for name in programs}
-    edge = to_edge_transform_and_lower(
-        programs, transform_passes=[delegate_friendly_views()], partitioner=partitioners, constant_methods=metadata
-    )
+    with bounded_dynamic_quant_layout():
+        edge = to_edge_transform_and_lower(
+            programs, transform_passes=[delegate_friendly_views()], partitioner=partitioners, constant_methods=metadata
+        )
+    if aliases:
+        # A copy per name: to_executorch plans memory in each method's graph in place. The delegate's weights are
+        # bytes filed by their hash, so the copy adds a method, not weights.
+        lowered = {name: edge.exported_program(name) for name in edge.methods}
+        lowered |= {alias: copy.deepcopy(lowered[target]) for alias, target in aliases.items()}
+        edge = EdgeProgramManager(lowered, metadata, edge.compile_config)
     return edge.to_executorch(
         ExecutorchBackendConfig(
             # Shared: decode reads the cache that prefill wrote. Names: the runtime matches buffers across methods.
@@ -311,18 +491,26 @@ def lower(programs: dict, metadata: dict):
     )
 
 
-def export_executorch(model: TextDecoder, spec: ExportSpec, out_dir: str | Path) -> Path:
-    """Writes out_dir/model.pte and out_dir/per_layer_embeddings.ptd; returns the .pte's path."""
+def export_executorch(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | Path) -> Path:
+    """Writes out_dir/model.pte and out_dir/per_layer_embeddings.ptd; returns the .pte's path. `model`: a
+    TextDecoder, or a whole Gemma3n whose encoders (spec.encoders) join the decoder's methods."""
     if spec.target != "executorch":
         raise InputError(f"--target: export_executorch needs an executorch spec, got {spec.target!r}")
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise InputError(f"{out_dir}: output directory exists already")
+    decoder, whole = split_model(model, spec)
     console = Console(stderr=True)
-    with console.status(f"exporting {len(spec.prefill_lengths) + 3} methods"):
-        programs = decoder_programs(model.eval(), spec) | embedder_programs(model, spec)
+    with console.status(f"exporting {len(spec.prefill_lengths) + 3} decoder methods"):
+        programs = decoder_programs(decoder.eval(), spec) | embedder_programs(decoder, spec)
+    aliases = {}
+    if spec.encoders:
+        with console.status(f"exporting the {' and '.join(spec.encoders)} encoders"):
+            programs |= encoder_programs(whole.eval(), spec)
+        if "vision" in spec.encoders:
+            aliases[VISION_METHOD] = vision_method(spec.image_sizes[0])
     with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):
-        program = lower(programs, runner_metadata(model, spec))
+        program = lower(programs, runner_metadata(decoder, spec), aliases)
     with atomic_directory(out_dir) as tmp:
         with open(tmp / PTE_NAME, "wb") as f:
             program.write_to_file(f)

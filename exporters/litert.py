@@ -13,7 +13,52 @@ runs), and what this module writes:
   lives only there; spec.ple_storage "int8" stores it int8 per row (weight-only), anything else as float32.
 - the tokenizer (SentencePiece) and LlmMetadata (model type gemma3n, BOS as start token, stop tokens, context length).
 
-export_litert keeps the three .tflite files next to model.litertlm: tests and our own runtime run them directly.
+A whole Gemma 3n (spec.encoders) adds its encoders as the sections LiteRT-LM's vision and audio executors load, in
+the layouts they feed (read from LiteRT-LM's runtime/executor/{vision,audio}_litert_compiled_model_executor.cc,
+runtime/conversation/model_data_processor/gemma3_data_processor.cc, runtime/components/preprocessor/
+stb_image_preprocessor.cc and embedding_lookup/, and litert-torch's export_hf/model_ext/gemma3n/vision_exportable.py):
+
+- `vision_encoder.tflite` (vision_encoder): signature `vision_<S>`, `images [1,S,S,3]` float32 RGB in [0, 1],
+  channels LAST (the engine resizes the decoded image to the input's H x W with stb and divides by 255) ->
+  `features [1,256,2048]` (the soft tokens, scaled by sqrt(2048)). Exactly one signature: the engine's vision
+  executor takes signature 0 and aborts (SIGILL) on a multi-signature encoder, and the metadata's image size is the
+  spec's first. Further spec.image_sizes go to `vision_encoder_sizes.tflite` (signatures `vision_<S>`, weights shared
+  between them), packed as an earlier vision_encoder section: the engine keeps the LAST section of a type (observed
+  with litert-lm-api 0.18.1: the other order crashes it), our runtime reads them all.
+- `vision_adapter.tflite` (vision_adapter): `vision_adapter`, `soft_tokens [1,256,2048]` -> `mm_embedding
+  [1,257,H]`: the 256 image embeddings and then the <end_of_image> row, as litert-torch's Gemma 3n adapter appends it
+  (the engine writes all adapter rows after <start_of_image> and has no end-of-image model for Gemma 3n). Our row is
+  the vision embedder's hard-token embedding of eoi, as transformers computes it (litert-torch takes the text table's).
+- `audio_encoder.tflite` (audio_encoder_hw, the engine's "static" encoder): `audio_encoder`, `src_inputs [1,F,128]`
+  float32 log-mel, `mask [1,F]` bool (True = valid frame) -> `features [1,188,D]`, `mask [1,188]` bool (True =
+  valid). F = 3008 = 16 x 188, not our 2997: the engine cuts the spectrogram into F-frame chunks and requires F to be
+  a multiple of the adapter's token count. The conformer is causal (conv stem, cumulative norm, left-context
+  attention, causal light conv), so the 11 extra frames change no token; our runtime pads 2997 -> 3008 with zeros.
+- `audio_adapter.tflite` (audio_adapter): `audio_adapter`, `features [1,188,D]`, `mask [1,188]` bool ->
+  `audio_embeddings [1,188,H]`; masked tokens take the embedding of the audio vocabulary's last id, as
+  exporters.encoders.AudioAdapter (the engine reads the valid rows only).
+- `end_of_audio.tflite` (end_of_audio): `end_of_audio`, no inputs -> `embeddings [1,1,H]`, the <end_of_audio> row
+  the engine writes after an audio clip.
+- The metadata's Gemma3N fields: start/end of image and audio as the tokenizer's pieces for the model's media ids,
+  image_tensor_height/width the first image size.
+- `embedder.tflite` of a whole model gives the ids of the embedders' own vocabularies (<end_of_image>, ...) their
+  hard-token rows, as Gemma3n.embed_prompt does: the engine embeds every prompt and generated id through it.
+
+Checked with Google's engine (tests/test_export_litert_encoders.py): a conversation with an image gives exactly the
+greedy tokens of our torch model on the sequence the engine builds (text, '\n\n' + <start_of_image>, the adapter's
+257 rows, '\n\n', text; placeholders read PLE row 0, as media ids do in transformers); an audio clip takes as many
+tokens as our encoder's mask marks valid, then the end_of_audio row. More image sizes cost a second copy of the
+vision weights (the sizes section), since a section cannot share another's weights here.
+
+LiteRT-LM's audio executor also has a stateful streaming encoder (inputs segment_values, segment_mask, prev_mask,
+feature_state_*), which its comments name as Gemma 3n's; ours is the static one, which it runs as well. What the
+engine accepts through its Python API (litert_lm 0.18.1): images and audio as files or bytes in a Conversation's
+messages (Engine(vision_backend=..., audio_backend=...)); Session.run_prefill takes text only. It computes its own
+log-mel spectrogram (USM settings: input x 32768, mel 125-7500 Hz, floor 1e-6, normalised; not transformers'
+feature extractor, so its audio tokens are not ours) and gives a clip as many tokens as the encoder's mask marks
+valid (no padding tokens, unlike transformers' 188 per window).
+
+export_litert keeps every .tflite next to model.litertlm: tests and our own runtime run them directly.
 """
 
 from __future__ import annotations
@@ -24,17 +69,28 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from exporters.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder, split_model
 from exporters.spec import ExportSpec
 from models.errors import InputError
+from models.multimodal import Gemma3n
 from models.text import TextDecoder
 
 DECODER_FILE = "decoder.tflite"
 EMBEDDER_FILE = "embedder.tflite"
 PER_LAYER_EMBEDDER_FILE = "per_layer_embedder.tflite"
+VISION_ENCODER_FILE = "vision_encoder.tflite"  # the first image size: what LiteRT-LM runs
+VISION_ENCODER_SIZES_FILE = "vision_encoder_sizes.tflite"  # the other image sizes, for our runtime
+VISION_ADAPTER_FILE = "vision_adapter.tflite"
+AUDIO_ENCODER_FILE = "audio_encoder.tflite"
+AUDIO_ADAPTER_FILE = "audio_adapter.tflite"
+END_OF_AUDIO_FILE = "end_of_audio.tflite"
 LITERTLM_FILE = "model.litertlm"
 CHAT_STOP_MARKER = "<end_of_turn>"
+# LiteRT-LM's audio executor needs the encoder's frame count to be a multiple of its token count (188 x 16).
+AUDIO_ENCODER_FRAMES = 3008
 
 
 class LiteRtLmDecoder(nn.Module):
@@ -70,15 +126,30 @@ class LiteRtLmDecoder(nn.Module):
 
 
 class TableLookup(nn.Module):
-    """One token id -> its scaled row of one of the model's lookup tables (`embed` or `per_layer_embedding`)."""
+    """One token id -> its scaled row of one of the model's lookup tables (`embed` or `per_layer_embedding`).
 
-    def __init__(self, model: TextDecoder, table: str):
+    media_embedders: a whole Gemma 3n's vision and audio embedders. The ids of their own small vocabularies
+    (<end_of_image>, <end_of_audio>, ...) take the embedders' hard-token embeddings instead of the text table's rows,
+    as Gemma3n.embed_prompt and transformers embed them: the engine looks up every text id, prompt or generated,
+    through this one model. Those rows depend on the id alone, so they are computed here once, a constant table."""
+
+    def __init__(self, model: TextDecoder, table: str, media_embedders: tuple[nn.Module, ...] = ()):
         super().__init__()
         self.model, self.table = model, table
+        self.media_ranges = [(e.vocab_offset, e.vocab_size) for e in media_embedders]
+        with torch.no_grad():
+            for i, e in enumerate(media_embedders):
+                ids = torch.arange(e.vocab_offset, e.vocab_offset + e.vocab_size)[None]
+                self.register_buffer(f"media_rows_{i}", e.embed_ids(ids)[0].float().contiguous())
 
     def forward(self, token_ids: Tensor):
         ids = token_ids.clamp(min=0).long()  # the engine may pass -1 for an empty slot
-        return {"embeddings": getattr(self.model, self.table)(ids)}
+        rows = getattr(self.model, self.table)(ids)
+        for i, (offset, size) in enumerate(self.media_ranges):
+            owned = (ids >= offset) & (ids < offset + size)
+            media = F.embedding((ids - offset).clamp(0, size - 1), getattr(self, f"media_rows_{i}"))
+            rows = torch.where(owned.unsqueeze(-1), media, rows)
+        return {"embeddings": rows}
 
 
 def decoder_sample_inputs(model: TextDecoder, tokens: int, cache_len: int) -> dict[str, Tensor]:
@@ -115,6 +186,119 @@ def convert_lookup(module: nn.Module, signature: str, path: Path) -> Path:
     sample = {"token_ids": torch.zeros(1, 1, dtype=torch.int32)}
     litert_torch.signature(signature, module, sample_kwargs=sample).convert().export(str(path))
     return path
+
+
+# --- the encoders, in LiteRT-LM's layouts (see the module docstring) --------------------------------------------------
+
+
+def vision_signature(size: int) -> str:
+    return f"vision_{size}"
+
+
+class LiteRtLmVisionEncoder(nn.Module):
+    """images [1, S, S, 3] (channels last, in [0, 1]) -> features [1, 256, C]: exporters.encoders.VisionEncoder."""
+
+    def __init__(self, model: Gemma3n):
+        super().__init__()
+        self.encoder = VisionEncoder(model)
+
+    def forward(self, images: Tensor):
+        return {"features": self.encoder(images.permute(0, 3, 1, 2))}
+
+
+class LiteRtLmVisionAdapter(nn.Module):
+    """soft_tokens [1, 256, C] -> mm_embedding [1, 257, H]: the image's embeddings, then the <end_of_image> row."""
+
+    def __init__(self, model: Gemma3n):
+        super().__init__()
+        self.adapter = VisionAdapter(model)
+        self.eoi = model.config.tokens.eoi
+
+    def forward(self, soft_tokens: Tensor):
+        eoi = self.adapter.embedder.embed_ids(torch.full((1, 1), self.eoi, dtype=torch.long))
+        return {"mm_embedding": torch.cat([self.adapter(soft_tokens), eoi], dim=1)}
+
+
+class LiteRtLmAudioEncoder(nn.Module):
+    """src_inputs [1, F, 128], mask [1, F] bool (True = valid) -> features [1, N, D], mask [1, N] bool (True = valid):
+    exporters.encoders.AudioEncoder with LiteRT-LM's names and mask polarity."""
+
+    def __init__(self, model: Gemma3n):
+        super().__init__()
+        self.encoder = AudioEncoder(model)
+
+    def forward(self, src_inputs: Tensor, mask: Tensor):
+        features, padded = self.encoder.tower(src_inputs, ~mask)
+        return {"features": features, "mask": ~padded}
+
+
+class LiteRtLmAudioAdapter(nn.Module):
+    """features [1, N, D], mask [1, N] bool (True = valid) -> audio_embeddings [1, 188, H]:
+    exporters.encoders.AudioAdapter."""
+
+    def __init__(self, model: Gemma3n):
+        super().__init__()
+        self.adapter = AudioAdapter(model)
+
+    def forward(self, features: Tensor, mask: Tensor):
+        return {"audio_embeddings": self.adapter(features, (~mask).to(features.dtype))}
+
+
+class EndOfMedia(nn.Module):
+    """No inputs -> embeddings [1, 1, H]: an embedder's hard-token row (LiteRT-LM's end_of_audio model)."""
+
+    def __init__(self, embedder: nn.Module, token_id: int):
+        super().__init__()
+        self.embedder, self.token_id = embedder, token_id
+
+    def forward(self):
+        return {"embeddings": self.embedder.embed_ids(torch.full((1, 1), self.token_id, dtype=torch.long))}
+
+
+def convert_vision_encoder(model: Gemma3n, sizes: tuple[int, ...], path: Path) -> Path:
+    import litert_torch
+
+    converter = litert_torch.Converter()
+    for size in sizes:
+        converter.signature(vision_signature(size), LiteRtLmVisionEncoder(model).eval(),
+                            sample_kwargs={"images": torch.zeros(1, size, size, 3)})
+    converter.convert().export(str(path))
+    return path
+
+
+def convert_encoders(model: Gemma3n, spec: ExportSpec, work: Path) -> list[tuple[str, str]]:
+    """Lowers the encoders spec.encoders names; returns (file, LiteRT-LM model type) in packing order."""
+    import litert_torch
+
+    def convert(module: nn.Module, signature: str, sample: dict, file: str) -> str:
+        litert_torch.signature(signature, module.eval(), sample_kwargs=sample).convert().export(str(work / file))
+        return file
+
+    sections = []
+    if "vision" in spec.encoders:
+        first, *others = spec.image_sizes
+        if others:  # before the first size's section: the engine keeps the last section of a type
+            convert_vision_encoder(model, tuple(others), work / VISION_ENCODER_SIZES_FILE)
+            sections.append((VISION_ENCODER_SIZES_FILE, "VISION_ENCODER"))
+        convert_vision_encoder(model, (first,), work / VISION_ENCODER_FILE)
+        sections.append((VISION_ENCODER_FILE, "VISION_ENCODER"))
+        soft = torch.zeros(1, model.config.tokens.image_soft_tokens, model.config.vision_embedder.hidden_size)
+        sections.append((convert(LiteRtLmVisionAdapter(model), "vision_adapter", {"soft_tokens": soft},
+                                 VISION_ADAPTER_FILE), "VISION_ADAPTER"))
+    if "audio" in spec.encoders:
+        frames = torch.ones(1, AUDIO_ENCODER_FRAMES, dtype=torch.bool)
+        features = torch.zeros(1, AUDIO_ENCODER_FRAMES, model.config.audio.input_feat_size)
+        sample = {"src_inputs": features, "mask": frames}
+        sections.append((convert(LiteRtLmAudioEncoder(model), "audio_encoder", sample, AUDIO_ENCODER_FILE),
+                         "AUDIO_ENCODER_HW"))
+        tokens = model.config.tokens.audio_soft_tokens
+        sample = {"features": torch.zeros(1, tokens, model.config.audio.hidden_size),
+                  "mask": torch.ones(1, tokens, dtype=torch.bool)}
+        sections.append((convert(LiteRtLmAudioAdapter(model), "audio_adapter", sample, AUDIO_ADAPTER_FILE),
+                         "AUDIO_ADAPTER"))
+        sections.append((convert(EndOfMedia(model.embed_audio, model.config.tokens.eoa), "end_of_audio", {},
+                                 END_OF_AUDIO_FILE), "END_OF_AUDIO"))
+    return sections
 
 
 # --- quantization (ai-edge-quantizer) --------------------------------------------------------------------------------
@@ -159,9 +343,10 @@ def _scopes_not_dividing(path: Path, block_size: int) -> set[str]:
 # --- LLM metadata and packing ------------------------------------------------------------------------------------
 
 
-def llm_metadata(model: TextDecoder, spec: ExportSpec, tokenizer_path: Path):
+def llm_metadata(model: TextDecoder, spec: ExportSpec, tokenizer_path: Path, whole: Gemma3n | None = None):
     """LlmMetadata: Gemma 3n model type, BOS as start token, the config's EOS ids and the tokenizer's <end_of_turn>
-    as stop tokens, Gemma's turn markers as prompt templates, the cache length as the context length."""
+    as stop tokens, Gemma's turn markers as prompt templates, the cache length as the context length. With encoders
+    (`whole`), the Gemma3N media fields: the media tokens as the tokenizer spells them, the first image size."""
     import sentencepiece as spm
     from litert_lm_builder.runtime.proto import llm_metadata_pb2, llm_model_type_pb2
 
@@ -179,10 +364,30 @@ def llm_metadata(model: TextDecoder, spec: ExportSpec, tokenizer_path: Path):
     meta.llm_model_type.CopyFrom(llm_model_type_pb2.LlmModelType(gemma3n=llm_model_type_pb2.Gemma3N()))
     for role, name in ((meta.prompt_templates.user, "user"), (meta.prompt_templates.model, "model")):
         role.prefix, role.suffix = f"<start_of_turn>{name}\n", "<end_of_turn>\n"
+    if whole is not None and spec.encoders:
+        _media_metadata(meta.llm_model_type.gemma3n, whole, spec, sp, tokenizer_path)
     return meta
 
 
-def pack_litertlm(work: Path, metadata, tokenizer_path: Path, out: Path) -> Path:
+def _media_metadata(gemma3n, whole: Gemma3n, spec: ExportSpec, sp, tokenizer_path: Path) -> None:
+    """The engine's data processor inserts these strings as text around each image and audio clip (the published
+    tokenizer spells them <start_of_image>, ...); it resizes images to image_tensor_height x width."""
+    tokens = whole.config.tokens
+    fields = {"vision": (("start_of_image_token", tokens.boi), ("end_of_image_token", tokens.eoi)),
+              "audio": (("start_of_audio_token", tokens.boa), ("end_of_audio_token", tokens.eoa))}
+    for component in spec.encoders:
+        for name, token in fields[component]:
+            if not 0 <= token < sp.get_piece_size():
+                raise InputError(f"{tokenizer_path}: has no piece for the {name.removesuffix('_token')} id {token} "
+                                 f"({sp.get_piece_size()} pieces)")
+            getattr(gemma3n, name).token_str = sp.id_to_piece(token)
+    if "vision" in spec.encoders:
+        gemma3n.image_tensor_height = gemma3n.image_tensor_width = spec.image_sizes[0]
+
+
+def pack_litertlm(work: Path, metadata, tokenizer_path: Path, out: Path,
+                  encoder_sections: list[tuple[str, str]] = ()) -> Path:
+    """encoder_sections: (file in `work`, TfLiteModelType name) of each encoder, in order."""
     import litert_lm_builder as lb
 
     meta_path = work / "llm_metadata.pb"
@@ -194,6 +399,8 @@ def pack_litertlm(work: Path, metadata, tokenizer_path: Path, out: Path) -> Path
     builder.add_tflite_model(str(work / DECODER_FILE), lb.TfLiteModelType.PREFILL_DECODE)
     builder.add_tflite_model(str(work / EMBEDDER_FILE), lb.TfLiteModelType.EMBEDDER)
     builder.add_tflite_model(str(work / PER_LAYER_EMBEDDER_FILE), lb.TfLiteModelType.PER_LAYER_EMBEDDER)
+    for file, model_type in encoder_sections:
+        builder.add_tflite_model(str(work / file), lb.TfLiteModelType[model_type])
     with open(out, "wb") as f:
         builder.build(f)
     make_reproducible(out)
@@ -239,28 +446,41 @@ def _same_length_time(value: str) -> str:
 # --- the target ----------------------------------------------------------------------------------------------------
 
 
-def export_litert(model: TextDecoder, spec: ExportSpec, out_dir: str | Path, tokenizer_path: str | Path) -> Path:
-    """Writes out_dir/model.litertlm (and the decoder, embedder and per-layer embedder .tflite files beside it);
-    returns the .litertlm path. Everything is built in a temporary folder inside out_dir and moved at the end."""
+def export_litert(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | Path,
+                  tokenizer_path: str | Path) -> Path:
+    """Writes out_dir/model.litertlm (and every .tflite it packs beside it); returns the .litertlm path. A Gemma3n
+    brings the encoders spec.encoders names. Everything is built in a temporary folder inside out_dir and moved at
+    the end."""
     tokenizer_path = Path(tokenizer_path)
     if spec.target != "litert":
         raise InputError(f"export spec: target is {spec.target!r}, expected 'litert'")
     if tokenizer_path.suffix != ".model" or not tokenizer_path.is_file():
         raise InputError(f"{tokenizer_path}: expected a SentencePiece tokenizer.model file")
+    decoder, whole = split_model(model, spec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval().float()
+    decoder = decoder.eval().float()
+    if whole is not None:
+        whole.eval().float()
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".litert-") as tmp, torch.no_grad():
         work = Path(tmp)
-        convert_decoder(model, spec, work / DECODER_FILE)
-        convert_lookup(TableLookup(model, "embed"), "embedder", work / EMBEDDER_FILE)
-        convert_lookup(TableLookup(model, "per_layer_embedding"), "per_layer_embedder", work / PER_LAYER_EMBEDDER_FILE)
+        convert_decoder(decoder, spec, work / DECODER_FILE)
+        media = (whole.embed_vision, whole.embed_audio) if whole is not None else ()
+        convert_lookup(TableLookup(decoder, "embed", media), "embedder", work / EMBEDDER_FILE)
+        convert_lookup(TableLookup(decoder, "per_layer_embedding"), "per_layer_embedder", work / PER_LAYER_EMBEDDER_FILE)
         if spec.recipe:
             quantize(work / DECODER_FILE, spec.recipe, spec.block_size)
             quantize(work / EMBEDDER_FILE, spec.recipe, spec.block_size)
         if spec.ple_storage == "int8":
             quantize(work / PER_LAYER_EMBEDDER_FILE, "weight_only_wi8_afp32")
-        pack_litertlm(work, llm_metadata(model, spec, tokenizer_path), tokenizer_path, work / LITERTLM_FILE)
-        for name in (DECODER_FILE, EMBEDDER_FILE, PER_LAYER_EMBEDDER_FILE, LITERTLM_FILE):
+        encoder_sections = convert_encoders(whole, spec, work) if spec.encoders else []
+        if spec.encoder_recipe:
+            for file, model_type in encoder_sections:
+                if model_type != "END_OF_AUDIO":  # one constant row: nothing to gain
+                    quantize(work / file, spec.encoder_recipe)
+        metadata = llm_metadata(decoder, spec, tokenizer_path, whole)
+        pack_litertlm(work, metadata, tokenizer_path, work / LITERTLM_FILE, encoder_sections)
+        for name in (DECODER_FILE, EMBEDDER_FILE, PER_LAYER_EMBEDDER_FILE, *(f for f, _ in encoder_sections),
+                     LITERTLM_FILE):
             os.replace(work / name, out_dir / name)
     return out_dir / LITERTLM_FILE

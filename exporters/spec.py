@@ -34,8 +34,17 @@ QUANT_SCHEMES: dict[str, dict[str, str]] = {
     },
 }
 
+# The encoders' schemes: int8 weights at most. MobileNet-V5 is a convnet whose int4 weights lose the image; every
+# `--quant` level above none gives the encoders their target's int8 scheme (exporters.bundle.QUANT_LEVELS).
+ENCODER_QUANT_SCHEMES: dict[str, dict[str, str]] = {
+    "litert": {"none": "", "int8-weight-only": "weight_only_wi8_afp32", "int8-dynamic": "dynamic_wi8_afp32"},
+    "executorch": {"none": "", "int8-weight-only": "int8wo", "8da8w": "8da8w"},
+    "coreml": {"none": "", "int8-per-channel": "linear_quantize_int8_per_channel"},
+}
+
 PLE_STORAGE = ("int8", "fp16", "bf16", "fp32")
-COMPONENTS = ("decoder",)  # the vision and audio encoders join in the multimodal exporters issue
+COMPONENTS = ("decoder", "vision", "audio")  # the encoders need a whole Gemma3n model
+IMAGE_SIZES = (256, 512, 768)
 
 
 @dataclass(frozen=True)
@@ -43,16 +52,21 @@ class ExportSpec:
     """cache_len: static KV-cache length (the longest prompt plus generated tokens).
     prefill_lengths: fixed prompt-chunk lengths, one prefill signature/method/function each.
     quant: a scheme name of QUANT_SCHEMES[target]. ple_storage: how the PLE table is stored in its asset.
-    kv_shared_prefill: run the KV-shared upper layers on the last prompt position only (they write no cache)."""
+    kv_shared_prefill: run the KV-shared upper layers on the last prompt position only (they write no cache).
+    components: what to lower ("decoder", and "vision" / "audio" for a whole Gemma3n model).
+    image_sizes: the vision encoder's input sizes, one graph (signature, method or function) each; the first is the
+    default. encoder_quant: a scheme of ENCODER_QUANT_SCHEMES[target] for both encoders."""
 
     target: str
     cache_len: int = 256
     prefill_lengths: tuple[int, ...] = (32,)
     quant: str = "none"
     ple_storage: str = "int8"
-    components: tuple[str, ...] = COMPONENTS
+    components: tuple[str, ...] = ("decoder",)
     kv_shared_prefill: bool = True
     block_size: int = 32  # for blockwise/grouped int4 schemes
+    image_sizes: tuple[int, ...] = (768,)
+    encoder_quant: str = "none"
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -70,10 +84,27 @@ class ExportSpec:
         unknown = set(self.components) - set(COMPONENTS)
         if unknown:
             raise InputError(f"unknown components {sorted(unknown)} (available: {', '.join(COMPONENTS)})")
+        if "decoder" not in self.components:
+            raise InputError("components: the decoder is always exported")
+        if not self.image_sizes or any(s not in IMAGE_SIZES for s in self.image_sizes):
+            raise InputError(f"--image-sizes: {list(self.image_sizes)}; each must be one of "
+                             f"{', '.join(map(str, IMAGE_SIZES))}")
+        encoder_schemes = ENCODER_QUANT_SCHEMES[self.target]
+        if self.encoder_quant not in encoder_schemes:
+            raise InputError(f"--encoder-quant: {self.target} has no encoder scheme {self.encoder_quant!r} "
+                             f"({', '.join(encoder_schemes)})")
 
     @property
     def recipe(self) -> str:
         return QUANT_SCHEMES[self.target][self.quant]
+
+    @property
+    def encoder_recipe(self) -> str:
+        return ENCODER_QUANT_SCHEMES[self.target][self.encoder_quant]
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        return tuple(c for c in self.components if c != "decoder")
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, help="a bundle folder written by g3n bundle (e.g. out/android)")
     p.add_argument("--backend", default="torch", help="torch, litert, litertlm, executorch or coreml")
     _add_model_source(p)
+    p.add_argument("--image", type=Path, action="append", default=[],
+                   help="an image file for the prompt (repeatable; images come first in the user turn, in order)")
+    p.add_argument("--video", type=Path, action="append", default=[],
+                   help="a folder of video frames (image files, taken in name order; each frame is laid out as an "
+                        "image; repeatable)")
+    p.add_argument("--audio", type=Path, action="append", default=[],
+                   help="a WAV/FLAC file for the prompt (repeatable; clips over 30 s take one span per 30 s window)")
+    p.add_argument("--image-size", type=int, help="the vision encoder's input size (default: the bundle's first)")
     p.add_argument("--token-ids", help="prompt token ids instead of text: 2,105,... (greedy, PyTorch model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--cache-len", type=int, default=256, help="static KV-cache length (without --bundle)")
@@ -57,17 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-layers", help="MatFormer Mix-n-Match: layers to drop")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model or tokenizer.json (default: the checkpoint's, "
                                                   "else the tiny model's)")
-    p.add_argument("--cache-len", type=int, default=256)
+    p.add_argument("--cache-len", type=int, help="static KV-cache length (default: 256 for a text-only model, 1024 "
+                                                 "or the model's maximum positions if smaller for a whole model)")
     p.add_argument("--prefill-lengths", default="32")
+    p.add_argument("--image-sizes", default="768", help="vision encoder input sizes: 256, 512, 768 (comma-separated; "
+                                                       "the first is the default)")
+    p.add_argument("--text-only", action="store_true", help="bundle the language model alone (no encoders)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--zip", action="store_true", help="also write <target>.zip beside each folder")
 
-    p = sub.add_parser("export", help="lower the language model to one target (LiteRT, ExecuTorch or Core ML)")
+    p = sub.add_parser("export", help="lower the model (language model, and a whole model's vision and audio "
+                                      "encoders) to one target (LiteRT, ExecuTorch or Core ML)")
     _add_model_source(p)
     p.add_argument("--target", required=True, choices=["litert", "executorch", "coreml"])
     p.add_argument("--quant", default="none", help="quantization scheme of the target (see README)")
+    p.add_argument("--encoder-quant", default="none", help="the encoders' scheme: litert none, int8-weight-only, "
+                                                           "int8-dynamic; executorch none, int8-weight-only, 8da8w; "
+                                                           "coreml none, int8-per-channel")
+    p.add_argument("--image-sizes", default="768", help="vision encoder input sizes: 256, 512, 768 (comma-separated; "
+                                                       "the first is the default)")
+    p.add_argument("--text-only", action="store_true", help="lower the language model alone (no encoders)")
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
-    p.add_argument("--cache-len", type=int, default=256, help="static KV-cache length")
+    p.add_argument("--cache-len", type=int, help="static KV-cache length (default: as g3n bundle)")
     p.add_argument("--prefill-lengths", default="32", help="fixed prefill lengths: T1,T2,...")
     p.add_argument("--ple-storage", default="int8", help="PLE asset storage: int8, fp16, bf16 or fp32")
     p.add_argument("--full-prefill", action="store_true",
@@ -137,6 +156,31 @@ def _load(args):
     if args.checkpoint is None:
         return default_model(), "embedded default (tiny preset, deterministic weights)"
     return load_text_decoder(args.checkpoint, dtype=_float32()), str(args.checkpoint)
+
+
+def _load_whole(args):
+    """The model to lower: a whole Gemma3n (the embedded default, or a Gemma3nForConditionalGeneration checkpoint)
+    or a TextDecoder (a Gemma3nForCausalLM checkpoint, or --text-only)."""
+    from models import load_pretrained
+    from models.default import default_gemma3n
+    from models.multimodal import Gemma3n
+
+    if args.checkpoint is None:
+        from exporters.bundle import checkpoint_config
+
+        model, source = default_gemma3n(), "embedded default (tiny preset, deterministic weights)"
+        model.hf_config = checkpoint_config(model)  # what its reference/ (or a sliced copy) is saved with
+    else:
+        model, source = load_pretrained(args.checkpoint, dtype=_float32()), str(args.checkpoint)
+    if args.text_only and isinstance(model, Gemma3n):
+        model = model.language_model
+    return model, source
+
+
+def _image_sizes(text: str) -> tuple[int, ...]:
+    from models.matformer import parse_int_list
+
+    return tuple(parse_int_list(text, "--image-sizes"))
 
 
 def _float32():
@@ -252,9 +296,16 @@ def cmd_generate(args) -> int:
 
     from runtime_py.engine import open_bundle
 
+    images = [str(p) for p in args.image] + [_video_frames(d) for d in args.video]
+    audio = [str(p) for p in args.audio]
+    media = {"images": images, "audio": audio, "image_size": args.image_size} if images or audio else {}
     session = open_bundle(args.bundle, args.backend)
+    if media and not getattr(session, "accepts_media", False):  # litertlm on a bundle without encoders
+        from runtime_py.session import NO_ENCODERS
+
+        raise InputError(f"{args.bundle}: {NO_ENCODERS}")
     for piece in session.generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, **media):
         print(piece, end="", flush=True)
     print()
     if session.notice:
@@ -262,6 +313,17 @@ def cmd_generate(args) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"[{args.backend}] {session.timing.line(peak_mb)}", file=sys.stderr)
     return 0
+
+
+def _video_frames(folder: Path) -> list[str]:
+    from models.errors import InputError
+
+    if not folder.is_dir():
+        raise InputError(f"--video {folder}: not a folder of frames (give a folder of image files)")
+    frames = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not frames:
+        raise InputError(f"--video {folder}: the folder holds no frames")
+    return frames
 
 
 def _generate_token_ids(args) -> int:
@@ -285,12 +347,12 @@ def cmd_bundle(args) -> int:
     from rich.console import Console
 
     from exporters.bundle import build_bundles
-    from models import load_text_decoder, save_pretrained
+    from models import TextDecoder, load_pretrained, save_pretrained
     from models.errors import InputError
     from models.matformer import parse_int_list, slice_checkpoint
 
     console = Console(stderr=True)
-    model, source = _load(args)
+    model, source = _load_whole(args)
     info = {"name": source}
     tokenizer = args.tokenizer
     if tokenizer is None and args.checkpoint is not None:
@@ -307,19 +369,26 @@ def cmd_bundle(args) -> int:
             widths = parse_int_list(args.ffn_widths, "--ffn-widths") if args.ffn_widths else None
             skip = parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else []
             slice_checkpoint(src, Path(tmp) / "sliced", widths, skip, args.slice)
-            model = load_text_decoder(Path(tmp) / "sliced")
+            model = load_pretrained(Path(tmp) / "sliced")
             info["matformer_slice"] = model.hf_config["matformer_slice"]
+            if args.text_only and not isinstance(model, TextDecoder):
+                model = model.language_model
     targets = [t for t in args.targets.split(",") if t]
     with console.status("building bundles") as status:
         out = build_bundles(
             model, args.out, targets, args.quant, tokenizer, args.cache_len,
             tuple(parse_int_list(args.prefill_lengths, "--prefill-lengths")), info, args.zip,
             progress=lambda message: status.update(f"building bundles: {message}"),
+            image_sizes=_image_sizes(args.image_sizes),
         )
     for target in targets:
         manifest = json.loads((out / target / "manifest.json").read_text())
         size = sum(f["size"] for f in manifest["files"])
-        print(f"{out / target}: {len(manifest['files'])} files, {size:,} bytes ({manifest['quantization']['scheme']})")
+        encoders = manifest.get("encoders")
+        with_encoders = (f"; encoders {', '.join(encoders['components'])} at {encoders['image_sizes']} px "
+                         f"({encoders['quantization']['scheme']})" if encoders else "")
+        print(f"{out / target}: {len(manifest['files'])} files, {size:,} bytes ({manifest['quantization']['scheme']}"
+              f"{with_encoders}; cache {manifest['export_spec']['cache_len']})")
     return 0
 
 
@@ -330,15 +399,22 @@ def cmd_export(args) -> int:
     from exporters.spec import ExportSpec
     from models.matformer import parse_int_list
 
+    from exporters.bundle import default_cache_len
+    from models.multimodal import Gemma3n
+
+    model, source = _load_whole(args)
+    whole = isinstance(model, Gemma3n)
     spec = ExportSpec(
         target=args.target,
-        cache_len=args.cache_len,
+        cache_len=default_cache_len(model) if args.cache_len is None else args.cache_len,
         prefill_lengths=tuple(parse_int_list(args.prefill_lengths, "--prefill-lengths")),
         quant=args.quant,
         ple_storage=args.ple_storage,
         kv_shared_prefill=not args.full_prefill,
+        components=("decoder", "vision", "audio") if whole else ("decoder",),
+        image_sizes=_image_sizes(args.image_sizes),
+        encoder_quant=args.encoder_quant if whole else "none",
     )
-    model, source = _load(args)
     kwargs = {}
     if args.target == "litert":  # the .litertlm carries the tokenizer
         from runtime_py.engine import DEFAULT_TOKENIZER

@@ -16,10 +16,15 @@ Metrics per component, against the float model's logits at the same positions:
 The litertlm backend (Google's LiteRT-LM engine) returns text only: for it `greedy` alone is measured, as the number of
 the float model's greedy tokens whose detokenized text the engine's greedy text starts with.
 
-Components: the decoder's prefill and decode. The vision and audio encoders are listed in COMPONENTS without a
-description, and reported "not exported yet", until their exporters exist; then each gets a description there, its
-metrics in run_comparison (max_abs, mean_abs and cosine of the embeddings it outputs, on a fixed image or clip), and
-its columns in _COLUMNS, and the thresholds file takes limits for it like the decoder's.
+Components: the decoder's prefill and decode, and, for bundles that carry them, the vision and audio encoders (each
+with its adapter into the text width, as the bundle lowers them). The encoders run the bundle's golden media
+(golden_media.safetensors: the fixed image preprocessed to each of the bundle's image sizes, the fixed clip as one
+30 s window of log-mel features) on the backend and on the float PyTorch encoders of the bundle's reference model
+(runtime_py.executors.encoders.TorchEncoders); per image size and for the audio window:
+    max_abs, mean_abs   |embedding error|: the largest, and the mean over every element of the [1, N, H] output
+    cosine              cosine similarity of the whole output, flattened
+A row's vision limits hold at every image size. litertlm runs the same .litertlm sections as litert and returns text
+only, so the litert rows stand for its encoders. A component no compared bundle carries is reported "not in bundle".
 
 Thresholds (ci/thresholds.json) hold a limit per cell (backend/quant), component and metric; a row past any limit
 fails, and its first divergent stage is found from a debug export (exporters.debug): every stage (token embedding, PLE
@@ -47,10 +52,17 @@ DEFAULT_STEPS = 16
 COMPONENTS = {
     "decoder.prefill": "last-position logits of the prompt's prefill",
     "decoder.decode": "logits of the teacher-forced decode steps, and greedy-token agreement",
-    "vision_encoder": None,  # None: not exported yet
-    "audio_encoder": None,
+    "vision_encoder": "image embeddings of the golden image at each of the bundle's image sizes",
+    "audio_encoder": "audio embeddings of the golden clip (one 30 s window)",
 }
-NOT_EXPORTED = "not exported yet"
+ENCODER_COMPONENTS = {"vision": "vision_encoder", "audio": "audio_encoder"}  # manifest name -> component
+NOT_IN_BUNDLE = "not in bundle"
+# Backends that run a bundle's encoders themselves (litertlm: Google's engine returns text; see the docstring).
+ENCODER_BACKENDS = ("litert", "executorch", "coreml")
+ENCODER_METRICS = ("max_abs", "mean_abs", "cosine")
+# The issue's bar for int8 encoders (MobileNet-V5 is a convnet): derived cosine limits of quantized cells never go
+# below it.
+QUANTIZED_ENCODER_COSINE = 0.99
 # Which way each metric may drift: an upper limit ("max") for errors, a lower limit ("min") for agreements.
 METRICS = {"max_abs": "max", "mean_abs": "max", "cosine": "min", "kl": "max", "top1": "min", "greedy": "min"}
 STAGES_KEY = "stages"  # the cell's per-stage relative-error limits for localisation
@@ -111,6 +123,18 @@ def relative_error(got: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def embedding_metrics(reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """An encoder's output against the float encoders' (same shape): max and mean |error| over every element, and
+    the cosine similarity of the two outputs flattened, in float64."""
+    ref, out = np.asarray(reference, np.float64).ravel(), np.asarray(got, np.float64).ravel()
+    if ref.shape != out.shape:
+        raise RuntimeError(f"encoder output of {np.asarray(got).size} values, the float encoder's {np.asarray(reference).size}")
+    diff = np.abs(out - ref)
+    norms = np.linalg.norm(ref) * np.linalg.norm(out)
+    cosine = float(ref @ out / norms) if norms > 0 else float(np.array_equal(ref, out))
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine": cosine}
+
+
 # --- inputs and traces --------------------------------------------------------------------------------------------
 
 
@@ -124,15 +148,17 @@ class Trace:
 
 
 class _Recording:
-    """An executor whose prefill/decode calls are recorded: their logits and `layer_outputs()` after each call."""
+    """An executor whose prefill/decode calls are recorded: their logits and `layer_outputs()` after each call.
+    media_rows (runtime_py.components.media.MediaTokenRows): a whole model's embedders' rows, which the ids of their
+    vocabularies embed as (see embed_as_whole_model)."""
 
-    def __init__(self, executor, layer_outputs):
-        self.executor, self.layer_outputs = executor, layer_outputs
+    def __init__(self, executor, layer_outputs, media_rows=None):
+        self.executor, self.layer_outputs, self.media_rows = executor, layer_outputs, media_rows
         self.cache_len, self.prefill_lengths = executor.cache_len, executor.prefill_lengths
         self.calls, self.call_logits = [], []
 
     def embed(self, ids):
-        return self.executor.embed(ids)
+        return embed_as_whole_model(self.executor, ids, self.media_rows)
 
     def reset(self):
         self.executor.reset()
@@ -149,16 +175,26 @@ class _Recording:
         return self._record(self.executor.decode(embeds, rows, pos))
 
 
+def embed_as_whole_model(executor, ids: np.ndarray, media_rows=None) -> np.ndarray:
+    """The executor's token embeddings [1, T, H] of ids [T]; with media_rows, the ids of a whole model's vision and
+    audio vocabularies take their embedders' rows, as Gemma3n.embed_prompt (and transformers' Gemma3nModel) embeds
+    every prompt. Only a model whose text pieces share ids with those vocabularies (the tiny default's 384-id
+    vocabulary) sees a difference; the published vocabulary keeps its media ids for media."""
+    embeds = executor.embed(ids)
+    return embeds if media_rows is None else media_rows.apply(np.asarray(ids, np.int64), np.asarray(embeds))
+
+
 def run_trace(executor, per_layer_rows, prompt_ids: list[int], steps: int, forced_tokens: list[int] | None = None,
-              layer_outputs=lambda: []) -> tuple[Trace, list[int]]:
+              layer_outputs=lambda: [], media_rows=None) -> tuple[Trace, list[int]]:
     """Prefill (the session's chunk schedule), then `steps` decode steps. The decode inputs are `forced_tokens`
-    (teacher forcing) or, without them, the trace's own greedy tokens. Returns the trace and its argmax tokens."""
+    (teacher forcing) or, without them, the trace's own greedy tokens. media_rows: embed as a whole model
+    (embed_as_whole_model). Returns the trace and its argmax tokens."""
     from runtime_py.session import Session
 
     if len(prompt_ids) + steps > executor.cache_len:
         raise InputError(f"prompt of {len(prompt_ids)} tokens plus {steps} decode steps does not fit the KV cache of "
                          f"{executor.cache_len}; use fewer --steps or a bundle with a larger --cache-len")
-    recording = _Recording(executor, layer_outputs)
+    recording = _Recording(executor, layer_outputs, media_rows)
     # Only the session's prefill schedule is used: no tokenizer, stop ids or id check (the ids are the caller's).
     session = Session(recording, None, per_layer_rows, bos_id=prompt_ids[0], stop_ids=[], vocab_size=0)
     logits = [np.asarray(session.prefill(prompt_ids), np.float32)]
@@ -166,7 +202,7 @@ def run_trace(executor, per_layer_rows, prompt_ids: list[int], steps: int, force
     for s in range(steps):
         token = forced_tokens[s] if forced_tokens is not None else tokens[-1]
         arr = np.asarray([token], dtype=np.int64)
-        logits.append(np.asarray(recording.decode(executor.embed(arr), per_layer_rows(arr)[None], len(prompt_ids) + s),
+        logits.append(np.asarray(recording.decode(recording.embed(arr), per_layer_rows(arr)[None], len(prompt_ids) + s),
                                  np.float32))
         tokens.append(int(logits[-1].argmax()))
     return Trace(np.stack(logits), recording.calls, recording.call_logits), tokens
@@ -180,14 +216,22 @@ def prompt_ids_for(prompt: str, tokenizer, bos_id: int) -> list[int]:
 
 
 class FloatReference:
-    """The float PyTorch model as the reference runtime: its trace for one cache schedule, with layer outputs."""
+    """The float PyTorch model as the reference runtime: its trace for one cache schedule, with layer outputs.
+    model: a TextDecoder, or a whole Gemma3n, whose prompts embed the ids of its media vocabularies as the
+    embedders' rows (embed_as_whole_model); the decoder is traced either way."""
 
-    def __init__(self, model: TextDecoder):
+    def __init__(self, model):
         from exporters.debug import FloatLookups
+        from runtime_py.components.media import MediaTokenRows
 
-        self.model = model.float().eval()
+        whole = model if hasattr(model, "language_model") else None
+        self.model = (whole.language_model if whole is not None else model).float().eval()
+        self.media_rows = MediaTokenRows.from_model(whole.float().eval()) if whole is not None else None
         self.lookups = FloatLookups(self.model)
         self._traces: dict = {}
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return embed_as_whole_model(self.lookups, ids, self.media_rows)
 
     def trace(self, prompt_ids: list[int], steps: int, cache_len: int, prefill_lengths) -> tuple[Trace, list[int]]:
         from exporters.debug import tapped_layers
@@ -203,8 +247,64 @@ class FloatReference:
                     return out
 
                 self._traces[key] = run_trace(executor, self.lookups.per_layer_rows, prompt_ids, steps,
-                                              layer_outputs=layer_outputs)
+                                              layer_outputs=layer_outputs, media_rows=self.media_rows)
         return self._traces[key]
+
+
+class EncoderReference:
+    """The float PyTorch encoders of a bundle's reference model (the whole Gemma3n), each output on a golden input
+    computed once however many bundles and backends are compared with it."""
+
+    def __init__(self, model):
+        from runtime_py.executors.encoders import TorchEncoders
+
+        self.encoders = TorchEncoders(model)
+        self._outputs: dict = {}
+
+    def run(self, component: str, *inputs: np.ndarray) -> np.ndarray:
+        import hashlib
+
+        key = (component, *(hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in inputs))
+        if key not in self._outputs:
+            fn = self.encoders.image if component == "vision_encoder" else self.encoders.audio
+            self._outputs[key] = fn(*inputs)
+        return self._outputs[key]
+
+
+def golden_media_inputs(bundle: Path, manifest: dict) -> list[tuple[str, str, int | None, tuple[np.ndarray, ...]]]:
+    """(component, input label, image size or None, encoder inputs) for every encoder input the bundle's golden media
+    give: the golden image at each of the bundle's image sizes, then the golden clip's window."""
+    from safetensors.numpy import load_file
+
+    from models.audio import SAMPLE_RATE
+
+    entry = manifest["encoders"]
+    path = Path(bundle) / entry["golden_media"]["file"]
+    media = load_file(str(path))
+    components = set(entry["components"])
+    inputs = []
+    try:
+        if "vision" in components:
+            for size in entry["image_sizes"]:
+                inputs.append(("vision_encoder", f"{size} px", int(size), (media[f"pixel_values_{size}"],)))
+        if "audio" in components:
+            seconds = media["audio_waveform"].size / SAMPLE_RATE
+            inputs.append(("audio_encoder", f"{seconds:.3g} s clip in a 30 s window", None,
+                           (media["audio_features"], media["audio_padding_mask"])))
+    except KeyError as e:
+        raise InputError(f"{path}: no tensor {e.args[0]!r} (golden media of a bundle with encoders "
+                         f"{sorted(components)})") from None
+    return inputs
+
+
+def encoder_entries(runner, reference: EncoderReference, inputs) -> list[dict]:
+    """Each golden input through the backend's encoders and the float ones -> one entry per input."""
+    entries = []
+    for component, label, size, args in inputs:
+        got = runner.image(*args) if component == "vision_encoder" else runner.audio(*args)
+        entries.append({"component": component, "input": label, "size": size,
+                        "metrics": embedding_metrics(reference.run(component, *args), got), "breaches": []})
+    return entries
 
 
 # --- thresholds ---------------------------------------------------------------------------------------------------
@@ -217,10 +317,12 @@ class Breach:
     metric: str
     value: float
     limit: float
+    where: str = ""  # which input, where a component is measured on several (an encoder's image size)
 
     def __str__(self) -> str:
         sign = ">" if METRICS[self.metric] == "max" else "<"
-        return f"{self.cell} {self.component} {self.metric} = {self.value:.4g} {sign} limit {self.limit:.4g}"
+        component = f"{self.component} ({self.where})" if self.where else self.component
+        return f"{self.cell} {component} {self.metric} = {self.value:.4g} {sign} limit {self.limit:.4g}"
 
 
 def load_thresholds(path: str | Path) -> dict:
@@ -269,6 +371,20 @@ def check_cell(cell: str, metrics: dict[str, dict], limits: dict) -> list[Breach
     return breaches
 
 
+def check_encoders(cell: str, entries: list[dict], limits: dict) -> list[Breach]:
+    """The limits of one cell that its encoder entries exceed (each entry: one component on one input), each breach
+    naming its input; the entries get their own breaches as strings too."""
+    breaches = []
+    for entry in entries:
+        component = entry["component"]
+        found = check_cell(cell, {component: entry["metrics"]}, {component: limits.get(component, {})})
+        for breach in found:
+            breach.where = entry["input"]
+        entry["breaches"] = [str(b) for b in found]
+        breaches += found
+    return breaches
+
+
 def stage_limit(limits: dict, stage: str) -> float:
     stages = limits.get(STAGES_KEY, {})
     return float(stages.get(stage, stages.get("*", DEFAULT_STAGE_LIMIT)))
@@ -300,25 +416,27 @@ def first_divergent(errors: list[tuple[str, float]], limits: dict) -> dict | Non
 
 
 def localise(reference: FloatReference, debug_executor, prompt_ids: list[int], steps: int, forced_tokens: list[int],
-             limits: dict, lookup_errors: dict[str, float] | None = None) -> dict:
+             limits: dict, lookup_errors: dict[str, float] | None = None, media_rows=None) -> dict:
     """Runs a debug export (exporters.debug.open_debug) over the comparison inputs next to the float model and names
-    the first stage whose relative error exceeds its limit."""
+    the first stage whose relative error exceeds its limit. media_rows: the bundle's, for a whole model's bundle."""
     ref_trace, _ = reference.trace(prompt_ids, steps, debug_executor.cache_len, debug_executor.prefill_lengths)
     debug_trace, _ = run_trace(debug_executor, debug_executor.per_layer_rows, prompt_ids, steps, forced_tokens,
-                               layer_outputs=lambda: list(debug_executor.layer_outputs))
+                               layer_outputs=lambda: list(debug_executor.layer_outputs), media_rows=media_rows)
     errors = stage_errors(ref_trace, debug_trace, lookup_errors)
     return {"stages": [{"stage": s, "relative_error": e, "limit": stage_limit(limits, s)} for s, e in errors],
             "first_divergent": first_divergent(errors, limits)}
 
 
-def lookup_errors(executor, per_layer_rows, reference: FloatReference, ids: list[int]) -> dict[str, float]:
-    """The backend's own token-embedding and PLE lookups against the float model's, over the ids of the run."""
+def lookup_errors(executor, per_layer_rows, reference: FloatReference, ids: list[int],
+                  media_rows=None) -> dict[str, float]:
+    """The backend's own token-embedding and PLE lookups against the float model's, over the ids of the run
+    (media_rows: the bundle's, for a whole model's bundle)."""
     arr = np.asarray(ids, dtype=np.int64)
     # In chunks of at most the longest prefill: the ExecuTorch lookups take no more tokens than that at once.
     chunks = [arr[i : i + max(executor.prefill_lengths)] for i in range(0, len(arr), max(executor.prefill_lengths))]
-    embeds = np.concatenate([executor.embed(c) for c in chunks], axis=1)
+    embeds = np.concatenate([embed_as_whole_model(executor, c, media_rows) for c in chunks], axis=1)
     rows = np.concatenate([per_layer_rows(c) for c in chunks], axis=0)
-    return {"token_embedding": relative_error(embeds, reference.lookups.embed(arr)),
+    return {"token_embedding": relative_error(embeds, reference.embed(arr)),
             "per_layer_embedding": relative_error(rows, reference.lookups.per_layer_rows(arr))}
 
 
@@ -337,6 +455,8 @@ class Row:
     per_step_max_abs: list = field(default_factory=list)
     breaches: list = field(default_factory=list)
     localisation: dict | None = None
+    encoder_scheme: str = ""  # the encoders' quantization scheme, where the bundle has encoders
+    encoders: list = field(default_factory=list)  # {component, input, size, metrics, breaches} per encoder input
 
     @property
     def cell(self) -> str:
@@ -346,7 +466,7 @@ class Row:
         return {"cell": self.cell, "backend": self.backend, "quant": self.quant, "scheme": self.scheme,
                 "bundle": self.bundle, "status": self.status, "reason": self.reason, "metrics": self.metrics,
                 "per_step_max_abs": self.per_step_max_abs, "breaches": [str(b) for b in self.breaches],
-                "localisation": self.localisation}
+                "localisation": self.localisation, "encoder_scheme": self.encoder_scheme, "encoders": self.encoders}
 
 
 @dataclass
@@ -404,6 +524,7 @@ def run_comparison(job: Comparison) -> dict:
         check_cells_present([f"{backend}/{m['quantization']['level']}" for _, m, backend in planned
                              if not skip_reason(backend)], job.thresholds)
     references: dict[str, FloatReference] = {}
+    encoder_references: dict[str, EncoderReference] = {}
     rows: list[Row] = []
     inputs = None
     debug_cache: dict = {}
@@ -417,9 +538,21 @@ def run_comparison(job: Comparison) -> dict:
             continue
         job.progress(f"{row.cell}: running")
         ref_key = json.dumps(manifest["reference"]["files"], sort_keys=True)
-        if ref_key not in references:  # the reference checkpoint, checked against the manifest as the torch backend does
-            references[ref_key] = FloatReference(reference_model(bundle, manifest))
+        has_encoders = bool(manifest.get("encoders"))
+        if ref_key not in references or (has_encoders and ref_key not in encoder_references):
+            # The reference checkpoint, checked against the manifest as the torch backend does; whole (with its
+            # encoders) when the bundle carries encoders.
+            model = reference_model(bundle, manifest, whole=has_encoders)
+            references.setdefault(ref_key, FloatReference(model))
+            if hasattr(model, "language_model"):
+                encoder_references[ref_key] = EncoderReference(model)
         reference = references[ref_key]
+        # A whole model's bundle: the runtime's rows for the media vocabularies (embed_as_whole_model).
+        media_rows = None
+        if has_encoders:
+            from runtime_py.components.media import MediaTokenRows
+
+            media_rows = MediaTokenRows.from_file(bundle / manifest["encoders"]["media_token_embeddings"]["file"])
         tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
         prompt_ids = prompt_ids_for(job.prompt, tokenizer, manifest["tokenizer"]["bos_id"])
         spec = manifest["export_spec"]
@@ -436,22 +569,33 @@ def run_comparison(job: Comparison) -> dict:
                                                              manifest["tokenizer"]["stop_ids"], job.threads)}
         else:
             executor, per_layer_rows = load_executor(backend, bundle, manifest, job.threads)
-            trace, _ = run_trace(executor, per_layer_rows, prompt_ids, job.steps, ref_tokens[:-1])
+            trace, _ = run_trace(executor, per_layer_rows, prompt_ids, job.steps, ref_tokens[:-1],
+                                 media_rows=media_rows)
             row.metrics = decoder_metrics(ref_trace.logits, trace.logits)
             row.per_step_max_abs = [float(v) for v in np.abs(trace.logits - ref_trace.logits).max(-1)]
-            lookups = lookup_errors(executor, per_layer_rows, reference, prompt_ids + ref_tokens[:-1])
+            lookups = lookup_errors(executor, per_layer_rows, reference, prompt_ids + ref_tokens[:-1], media_rows)
         row.breaches = check_cell(row.cell, row.metrics, limits)
+        decoder_breached = bool(row.breaches)
+        if has_encoders and backend in ENCODER_BACKENDS:
+            from runtime_py.executors.encoders import load_encoders
+
+            job.progress(f"{row.cell}: encoders")
+            row.encoder_scheme = manifest["encoders"]["quantization"]["scheme"]
+            row.encoders = encoder_entries(load_encoders(backend, bundle, manifest, job.threads),
+                                           encoder_references[ref_key], golden_media_inputs(bundle, manifest))
+            row.breaches += check_encoders(row.cell, row.encoders, limits)
         row.status = "fail" if row.breaches else "pass"
-        wanted = job.localise == "always" or (job.localise == "breach" and row.breaches)
+        # Localisation follows the decoder's graph: an encoder past its limit is named by its own row.
+        wanted = job.localise == "always" or (job.localise == "breach" and decoder_breached)
         if wanted and backend not in DEBUGGABLE:
             row.reason = f"not localised: no debug export for {backend} yet"
         elif wanted:
             if lookups is None:  # litertlm: the same .litertlm's lookups, run by ai_edge_litert
                 executor, per_layer_rows = load_executor("litert", bundle, manifest, job.threads)
-                lookups = lookup_errors(executor, per_layer_rows, reference, prompt_ids + ref_tokens[:-1])
+                lookups = lookup_errors(executor, per_layer_rows, reference, prompt_ids + ref_tokens[:-1], media_rows)
             job.progress(f"{row.cell}: localising (debug export)")
             row.localisation = localise_bundle(job, bundle, manifest, backend, reference, prompt_ids, ref_tokens,
-                                               limits, lookups, debug_cache)
+                                               limits, lookups, debug_cache, media_rows)
     rows = sorted(rows + job.skipped, key=_row_order)
     breaches = [str(b) for row in rows for b in row.breaches]
     return {
@@ -459,29 +603,71 @@ def run_comparison(job: Comparison) -> dict:
         "model": job.source or (str(Path(job.bundles[0]).resolve().parent / "reference") if job.bundles else ""),
         "inputs": inputs,
         "thresholds": {"file": job.thresholds["path"], "comment": job.thresholds["comment"]},
-        "components": {name: ("compared" if what else NOT_EXPORTED) for name, what in COMPONENTS.items()},
+        "components": component_status(planned, rows),
         "rows": [row.as_dict() for row in rows],
         "breaches": breaches,
         "passed": not breaches,
+        "notes": encoder_notes(planned),
         "seconds": round(time.perf_counter() - job.started, 1),
     }
 
 
+def encoder_notes(planned) -> list[str]:
+    """Lines for the report on bundles without encoders beside bundles of the same target with them (g3n compare
+    builds each encoder lowering once: encoder_builds)."""
+    from exporters.bundle import ENCODER_QUANT_LEVELS, TARGETS
+
+    bundles = {str(bundle): manifest for bundle, manifest, _ in planned}
+    with_encoders = [m for m in bundles.values() if m.get("encoders")]
+    notes = []
+    for manifest in bundles.values():
+        target, level = manifest["target"], manifest["quantization"]["level"]
+        if manifest.get("encoders") or not any(m["target"] == target for m in with_encoders):
+            continue
+        note = f"The {level} {target} bundle carries no encoders"
+        scheme = ENCODER_QUANT_LEVELS.get(level, {}).get(TARGETS.get(target))
+        twin = next((m["quantization"]["level"] for m in with_encoders if m["target"] == target
+                     and m["encoders"]["quantization"]["scheme"] == scheme), None)
+        if twin:
+            note += f": its encoders would be {scheme}, as in the {twin} bundle, whose rows compare them"
+        notes.append(note + ".")
+    return notes
+
+
+def component_status(planned, rows: list[Row]) -> dict[str, str]:
+    """Per component: "compared", or why not (no compared bundle carries it, or only rows that did not run do)."""
+    carried = {ENCODER_COMPONENTS[c] for _, manifest, _ in planned
+               for c in (manifest.get("encoders") or {}).get("components", [])}
+    compared = {entry["component"] for row in rows for entry in row.encoders}
+    status = {}
+    for name in COMPONENTS:
+        if name not in ENCODER_COMPONENTS.values() or name in compared:
+            status[name] = "compared"
+        else:
+            status[name] = "in bundle, not run here (its rows were skipped)" if name in carried else NOT_IN_BUNDLE
+    return status
+
+
 # --- building bundles to compare (g3n compare without --bundle) ---------------------------------------------------------
 
+# The vision encoder's sizes in the bundles g3n compare builds: the default size, at which the int8 encoders' bar
+# (cosine >= 0.99) is set. Each further size is another lowering per bundle, and `make compare` has ~10 minutes.
+COMPARE_IMAGE_SIZES = (768,)
 # Longest lowering first, so that parallel builds end together: ExecuTorch's quantized lowerings take the longest.
 _BUILD_COST = {("executorch", "int8"): 0, ("executorch", "int4"): 1, ("executorch", "none"): 2}
 
 
 def build_for_comparison(checkpoint: Path | None, out: Path, builds: list[tuple[str, str]], tokenizer: Path | None,
                          cache_len: int, prefill_lengths: tuple[int, ...], source: str, jobs: int = 1,
-                         progress=lambda message: None) -> list[Path]:
+                         progress=lambda message: None, image_sizes: tuple[int, ...] = COMPARE_IMAGE_SIZES) -> list[Path]:
     """One bundle per (quant level, target) under out/<level>-<target>/, each with its float reference beside it;
     returns the target folders in the order of `builds`. jobs > 1 builds in that many processes at once: conversion
-    is mostly single-threaded Python, so on 2 cores two builds take about the time of one."""
+    is mostly single-threaded Python, so on 2 cores two builds take about the time of one. image_sizes: the vision
+    encoder's sizes in bundles of a whole model."""
     order = sorted(builds, key=lambda b: _BUILD_COST.get((b[1], b[0]), 3))
-    args = [(checkpoint, out / f"{level}-{target}", target, level, tokenizer, cache_len, prefill_lengths, source)
-            for level, target in order]
+    encoders = encoder_builds(builds)
+    args = [(checkpoint, out / f"{level}-{target}", target, level, tokenizer, cache_len, prefill_lengths, source,
+             tuple(image_sizes), encoders[(level, target)]) for level, target in order]
     if jobs <= 1:
         for a in args:
             progress(f"building the {a[3]} {a[2]} bundle")
@@ -498,14 +684,35 @@ def build_for_comparison(checkpoint: Path | None, out: Path, builds: list[tuple[
     return [out / f"{level}-{target}" / target for level, target in builds]
 
 
-def _build_one(checkpoint, out, target, level, tokenizer, cache_len, prefill_lengths, source) -> None:
-    from types import SimpleNamespace
+def encoder_builds(builds: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+    """Per (quant level, target): whether its bundle carries the encoders. A level whose encoders take the scheme of
+    an earlier level of the same target (int4's are int8's: exporters.bundle.ENCODER_QUANT_LEVELS) is built without
+    them: the same lowering would be compared twice, at minutes of conversion each."""
+    from exporters.bundle import ENCODER_QUANT_LEVELS, TARGETS
+
+    seen, out = set(), {}
+    for level, target in builds:
+        key = (target, ENCODER_QUANT_LEVELS[level][TARGETS[target]])
+        out[(level, target)] = key not in seen
+        seen.add(key)
+    return out
+
+
+def _build_one(checkpoint, out, target, level, tokenizer, cache_len, prefill_lengths, source, image_sizes,
+               encoders: bool = True) -> None:
+    import torch
 
     from exporters.bundle import build_bundles
-    from runtime_py.cli import _load
+    from models.checkpoint import load_pretrained
+    from models.default import default_gemma3n
 
-    model, _ = _load(SimpleNamespace(checkpoint=checkpoint))
-    build_bundles(model, out, [target], level, tokenizer, cache_len, prefill_lengths, {"name": source})
+    # The whole model where there is one (the default; a Gemma3nForConditionalGeneration checkpoint): its bundles
+    # carry the encoders, and the report compares them too.
+    model = default_gemma3n() if checkpoint is None else load_pretrained(checkpoint, dtype=torch.float32)
+    if not encoders:
+        model = getattr(model, "language_model", model)
+    build_bundles(model, out, [target], level, tokenizer, cache_len, prefill_lengths, {"name": source},
+                  image_sizes=tuple(image_sizes))
 
 
 def _row_order(row: Row) -> tuple:
@@ -528,7 +735,7 @@ def renamed_paths(obj, old: str, new: str):
 
 
 def localise_bundle(job: Comparison, bundle: Path, manifest: dict, backend: str, reference: FloatReference,
-                    prompt_ids, ref_tokens, limits, lookups, cache: dict) -> dict:
+                    prompt_ids, ref_tokens, limits, lookups, cache: dict, media_rows=None) -> dict:
     """Builds (once per bundle target and spec) the debug export of the bundle's own spec from its reference model,
     runs it, and names the first divergent stage."""
     import tempfile
@@ -538,7 +745,7 @@ def localise_bundle(job: Comparison, bundle: Path, manifest: dict, backend: str,
 
     spec_dict = dict(manifest["export_spec"])
     spec_dict["prefill_lengths"] = tuple(spec_dict["prefill_lengths"])
-    spec_dict["components"] = tuple(spec_dict["components"])
+    spec_dict["components"] = ("decoder",)  # the debug export follows the decoder's graph only
     spec = ExportSpec(**spec_dict)
     key = json.dumps(manifest["export_spec"], sort_keys=True)
     if key not in cache:
@@ -547,7 +754,7 @@ def localise_bundle(job: Comparison, bundle: Path, manifest: dict, backend: str,
         path = export_debug(reference.model, spec, folder)
         cache[key] = (path, open_debug(path, reference.model, spec, job.threads))
     path, debug_executor = cache[key]
-    result = localise(reference, debug_executor, prompt_ids, job.steps, ref_tokens[:-1], limits, lookups)
+    result = localise(reference, debug_executor, prompt_ids, job.steps, ref_tokens[:-1], limits, lookups, media_rows)
     result["debug_export"] = str(path)
     return result
 
@@ -585,7 +792,10 @@ CALIBRATION_COMMENT = (
     "margin (written by g3n compare --write-thresholds): errors (max_abs, mean_abs, kl, stage relative errors) may grow "
     "2x, with floors (1e-4 logit, 1e-5 mean, 1e-6 KL, 1e-3 stage) where float paths measured ~1e-6 and other CPUs round "
     "differently; agreements may lose 2x what they lost (1 - cosine; the disagreeing positions of top1 and greedy), and "
-    "at least one position. `measured` keeps the values each cell's limits came from.")
+    "at least one position. Encoder components (vision_encoder, audio_encoder: embeddings of the golden media, the "
+    "vision limits holding at every image size) take the same margins from their worst input; the cosine limit of a "
+    "quantized cell's encoders is never below 0.99 (the int8 encoders' bar). `measured` keeps the values each cell's "
+    "limits came from.")
 FLOORS = {"max_abs": 1e-4, "mean_abs": 1e-5, "kl": 1e-6, "cosine": 1e-6, "stage": 1e-3}
 
 
@@ -593,7 +803,8 @@ def thresholds_from_report(report: dict, comment: str, margin: float = MARGIN) -
     """Limits = measured value times a margin: errors (max_abs, mean_abs, kl, stage relative errors) may grow
     `margin`-fold, with a floor for exact float paths that other CPUs round differently; agreements may lose
     `margin` times what they lost (1 - cosine, the disagreeing fraction of top1 and greedy), and at least one
-    position."""
+    position. Encoders: the same from their worst input, and a cosine limit of at least QUANTIZED_ENCODER_COSINE in
+    quantized cells."""
     cells = {}
     positions = report["inputs"]["decode_steps"] + 1 if report.get("inputs") else 1
     for row in report["rows"]:
@@ -611,14 +822,37 @@ def thresholds_from_report(report: dict, comment: str, margin: float = MARGIN) -
                 else:
                     step = 1.0 / (positions - 1 if component == "decoder.decode" and metric == "top1" else positions)
                     floor = FLOORS["cosine"] if metric == "cosine" else step
-                    limit = max(float(f"{1.0 - _round_up(max((1.0 - value) * margin, floor)):.12g}"), 0.0)
+                    limit = _cosine_limit(value, margin, floor)
                 limits[component][metric] = limit
+        for component, worst in worst_encoder_metrics(row.get("encoders", [])).items():
+            measured[component] = worst
+            limits[component] = {"max_abs": _round_up(max(worst["max_abs"] * margin, FLOORS["max_abs"])),
+                                 "mean_abs": _round_up(max(worst["mean_abs"] * margin, FLOORS["mean_abs"])),
+                                 "cosine": _cosine_limit(worst["cosine"], margin)}
+            if row["quant"] != "none":
+                limits[component]["cosine"] = max(limits[component]["cosine"], QUANTIZED_ENCODER_COSINE)
         if row.get("localisation"):
             limits[STAGES_KEY] = {s["stage"]: _round_up(max(s["relative_error"] * margin, FLOORS["stage"]))
                                   for s in row["localisation"]["stages"]}
         limits["measured"] = measured
         cells[row["cell"]] = limits
     return {"comment": comment, "margin": margin, "cells": cells}
+
+
+def worst_encoder_metrics(entries: list[dict]) -> dict[str, dict[str, float]]:
+    """Per encoder component, the worst of each metric over its inputs (the vision encoder's image sizes)."""
+    worst: dict[str, dict[str, float]] = {}
+    for entry in entries:
+        w = worst.setdefault(entry["component"], {})
+        for metric in ENCODER_METRICS:
+            value = entry["metrics"][metric]
+            w[metric] = value if metric not in w else (max if METRICS[metric] == "max" else min)(w[metric], value)
+    return worst
+
+
+def _cosine_limit(value: float, margin: float, floor: float = FLOORS["cosine"]) -> float:
+    """A lower limit that lets an agreement lose `margin` times what it lost (at least `floor`)."""
+    return max(float(f"{1.0 - _round_up(max((1.0 - value) * margin, floor)):.12g}"), 0.0)
 
 
 def _round_up(x: float, digits: int = 2) -> float:
@@ -676,9 +910,11 @@ def markdown(report: dict) -> str:
         cells.append(_result(row))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    not_exported = [name for name, status in report["components"].items() if status == NOT_EXPORTED]
-    if not_exported:
-        lines.append(f"Not compared: {', '.join(not_exported)} ({NOT_EXPORTED}).")
+    lines += encoder_markdown(report)
+    lines += report.get("notes", [])
+    not_compared = [f"{name} ({status})" for name, status in report["components"].items() if status != "compared"]
+    if not_compared:
+        lines.append(f"Not compared: {', '.join(not_compared)}.")
     if any(row["backend"] == "litertlm" for row in report["rows"]):
         lines.append(LITERTLM_NOTE)
     localised = [row for row in report["rows"] if row.get("localisation")]
@@ -692,6 +928,30 @@ def markdown(report: dict) -> str:
     lines += ["", "Result: " + ("pass" if report["passed"] else "FAIL: " + "; ".join(report["breaches"])),
               f"({report['seconds']:.0f} s; the plot of error per decode step is plot.png)"]
     return "\n".join(lines) + "\n"
+
+
+def encoder_markdown(report: dict) -> list[str]:
+    """The encoder rows as a table of their own (one line per backend, quantization, encoder and input)."""
+    lines = []
+    for row in report["rows"]:
+        for entry in row.get("encoders", []):
+            if not lines:
+                lines += ["Encoders: the bundle's golden media (golden_media.safetensors) through each backend's encoder "
+                          "and adapter, against the float PyTorch encoders of the reference model (embeddings [1, N, H]; "
+                          "cosine of the whole output).", "",
+                          "| backend | quant | encoder scheme | encoder | input | max abs | mean abs | cosine | result |",
+                          "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+            m = entry["metrics"]
+            result = "pass" if not entry["breaches"] else "FAIL: " + "; ".join(
+                b.split(") ", 1)[-1] for b in entry["breaches"])
+            lines.append(f"| {row['backend']} | {row['quant']} | {row['encoder_scheme'] or '-'} | {entry['component']} | "
+                         f"{entry['input']} | {m['max_abs']:.3g} | {m['mean_abs']:.3g} | {m['cosine']:.6f} | {result} |")
+    if lines:
+        lines.append("")
+        if any(row["backend"] == "litertlm" for row in report["rows"]):
+            lines += ["litertlm runs the same .litertlm encoder sections as litert (and returns text only): the litert "
+                      "rows stand for its encoders.", ""]
+    return lines
 
 
 def write_report(report: dict, folder: Path) -> None:

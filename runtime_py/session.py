@@ -1,7 +1,15 @@
-"""A session: prompt -> tokens, the same on every backend.
+"""A session: prompt (text, and images and audio for a whole Gemma 3n) -> tokens, the same on every backend.
 
-Prefill runs the prompt through fixed-length prefill graphs: full chunks in order, then, if a remainder is left,
-the final chunk is the prompt's last T tokens (overlapping the previous chunk; recomputing a position writes the same
+Every prompt position is embedded before the prefill. A prompt with images or audio runs the whole model, as
+transformers' Gemma3nForConditionalGeneration and Gemma3n.embed_prompt do: text ids take the executor's token table,
+ids of the vision and audio vocabularies the embedders' hard-token rows (in the prompt and when generated), and the
+soft-token positions of each media span the encoders' outputs, in span order. A prompt without media runs the text
+decoder alone (every id from the token table), exactly as a text-only bundle, the golden vectors and Google's
+LiteRT-LM engine do; the two differ only for media ids outside media spans. Per-layer (PLE) rows are looked up by
+id, ids beyond the PLE table reading row 0.
+
+Prefill runs the embedded prompt through fixed-length prefill graphs: full chunks in order, then, if a remainder is
+left, the final chunk is the prompt's last T tokens (overlapping the previous chunk; recomputing a position writes the same
 keys and values), so the last prompt position is always a real token and its logits are exact. A prompt shorter
 than every prefill length goes through the decode graph token by token.
 """
@@ -16,15 +24,22 @@ import numpy as np
 
 from models.errors import InputError
 from runtime_py.components.chat_template import render
+from runtime_py.components.media import MediaPrompt, as_list, build_media_prompt, image_frames
 from runtime_py.components.sampler import Sampler
 from runtime_py.components.stop import StopDetector
 from runtime_py.components.tokenizer import Tokenizer
+
+
+NO_ENCODERS = ("this bundle has no image or audio encoders (it was built from a text-only model; bundle a whole "
+               "Gemma 3n: g3n bundle without --checkpoint or --text-only, or a Gemma3nForConditionalGeneration "
+               "checkpoint)")
 
 
 @dataclass
 class Timing:
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    media_s: float = 0.0  # preprocessing and encoders
     prefill_s: float = 0.0
     decode_s: float = 0.0
     time_to_first_token_s: float = 0.0
@@ -33,7 +48,8 @@ class Timing:
     def line(self, peak_rss_mb: float) -> str:
         prefill_tps = self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
         decode_tps = (self.generated_tokens - 1) / self.decode_s if self.decode_s else float("nan")
-        return (f"ttft {self.time_to_first_token_s * 1e3:.1f} ms | prefill {prefill_tps:.1f} tok/s "
+        media = f"media encoders {self.media_s * 1e3:.1f} ms | " if self.media_s else ""
+        return (f"ttft {self.time_to_first_token_s * 1e3:.1f} ms | {media}prefill {prefill_tps:.1f} tok/s "
                 f"({self.prompt_tokens} tokens) | decode {decode_tps:.1f} tok/s ({self.generated_tokens} tokens) | "
                 f"peak RSS {peak_rss_mb:.0f} MB | stopped by {self.stopped_by}")
 
@@ -48,6 +64,15 @@ class Session:
     vocab_size: int
     timing: Timing = field(default_factory=Timing)
     notice: str = ""
+    # A whole Gemma 3n's parts (None for a text-only model): the image/audio runner (runtime_py.executors.encoders),
+    # the embedders' hard-token rows (components.media.MediaTokenRows) and the media span ids (MediaTokens).
+    encoders: object = None
+    media_rows: object = None
+    media_tokens: object = None
+    ple_vocab_size: int | None = None  # ids at or beyond it read PLE row 0 (None: the lookup's own rule)
+    source: str = ""  # the bundle, for messages
+
+    accepts_media = True  # generate() takes images and audio (a bundle without encoders says so when given them)
 
     def prompt_ids(self, prompt: str | list[dict] | list[int]) -> list[int]:
         """A string is wrapped in the chat template as one user turn; a list of dicts is a conversation; a list of
@@ -60,47 +85,120 @@ class Session:
                     raise InputError("empty prompt")
                 prompt = [{"role": "user", "content": prompt}]
             ids = [self.bos_id] + self.tokenizer.encode(render(prompt))
+        self._check_ids(ids)
+        return ids
+
+    def _check_ids(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise InputError(f"token id {bad[0]} is out of range: the vocabulary has {self.vocab_size} ids")
-        return ids
 
-    def _step_inputs(self, ids: list[int]):
+    def media_prompt(self, prompt, images=None, audio=None, image_size: int | None = None) -> MediaPrompt:
+        """The prompt's ids with a span per image (video frame) and per audio window, and the encoders' inputs.
+        Checks everything (files, encoders, sizes, cache room) before any encoder runs."""
+        where = f"{self.source}: " if self.source else ""
+        if self.encoders is None:
+            raise InputError(where + NO_ENCODERS)
+        if isinstance(prompt, list) and prompt and all(isinstance(i, (int, np.integer)) for i in prompt):
+            raise InputError("a prompt of token ids takes no images or audio: give the prompt as text")
+        sizes = tuple(self.encoders.image_sizes)
+        size = image_size if image_size is not None else sizes[0] if sizes else 768
+        if sizes and size not in sizes:
+            raise InputError(f"--image-size {size}: the vision encoder takes {', '.join(map(str, sizes))} px")
+        media = build_media_prompt(prompt, self.tokenizer, self.bos_id, self.media_tokens, images, audio, size)
+        for kind, present, wanted in (("vision", self.encoders.has_vision, media.pixel_values),
+                                      ("audio", self.encoders.has_audio, media.audio_windows)):
+            if wanted and not present:
+                raise InputError(f"{where}this bundle has no {kind} encoder")
+        self._check_ids(media.ids)
+        if len(media.ids) > self.executor.cache_len:
+            raise InputError(f"prompt of {len(media.ids)} tokens ({media.summary()} included) does not fit the KV "
+                             f"cache of {self.executor.cache_len}; use fewer or shorter media, or build the bundle "
+                             "with a larger --cache-len")
+        return media
+
+    def embed_ids(self, ids: list[int], whole_model: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """ids [T] -> (embeddings [1, T, H], per-layer rows [1, T, L, P]), looked up in chunks of at most the longest
+        prefill length (the most an exported lookup takes). whole_model: media ids take the embedders' rows."""
         arr = np.asarray(ids, dtype=np.int64)
-        return self.executor.embed(arr), self.per_layer_rows(arr)[None]
+        step = max(self.executor.prefill_lengths)
+        ple_ids = arr if self.ple_vocab_size is None else np.where(arr < self.ple_vocab_size, arr, 0)
+        chunks = range(0, len(arr), step)
+        embeds = np.concatenate([self.executor.embed(arr[i : i + step]) for i in chunks], axis=1)
+        rows = np.concatenate([self.per_layer_rows(ple_ids[i : i + step]) for i in chunks], axis=0)[None]
+        if whole_model:
+            embeds = self.media_rows.apply(arr, embeds)
+        return embeds, rows
+
+    def encode_media(self, media: MediaPrompt) -> dict[int, np.ndarray]:
+        """The encoders' outputs by soft-token id: {image id: [images * 256, H], audio id: [windows * 188, H]}."""
+        tokens, out = self.media_tokens, {}
+        for token, outputs in ((tokens.image, [self.encoders.image(p) for p in media.pixel_values]),
+                               (tokens.audio, [self.encoders.audio(f, m) for f, m in media.audio_windows])):
+            if outputs:
+                out[token] = np.concatenate([o[0] for o in outputs]).astype(np.float32)
+        return out
+
+    def embed_media_prompt(self, media: MediaPrompt, soft: dict[int, np.ndarray] | None = None):
+        """(embeddings [1, T, H] with the encoders' outputs at the soft-token positions, per-layer rows)."""
+        soft = self.encode_media(media) if soft is None else soft
+        embeds, rows = self.embed_ids(media.ids, whole_model=True)
+        ids = np.asarray(media.ids)
+        for token, values in soft.items():
+            embeds[0, ids == token] = values.astype(embeds.dtype)
+        return embeds, rows
 
     def prefill(self, ids: list[int]) -> np.ndarray:
+        return self.prefill_embeddings(*self.embed_ids(ids))
+
+    def prefill_embeddings(self, embeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """embeds [1, n, H], per-layer rows [1, n, L, P] from position 0 -> the last position's logits."""
         ex = self.executor
-        if len(ids) > ex.cache_len:
-            raise InputError(f"prompt of {len(ids)} tokens does not fit the KV cache of {ex.cache_len}")
+        n = embeds.shape[1]
+        if n > ex.cache_len:
+            raise InputError(f"prompt of {n} tokens does not fit the KV cache of {ex.cache_len}")
         ex.reset()
-        n = len(ids)
         usable = [t for t in sorted(ex.prefill_lengths, reverse=True) if t <= n]
         if not usable:
             logits = None
-            for pos, token in enumerate(ids):
-                logits = ex.decode(*self._step_inputs([token]), pos)
+            for pos in range(n):
+                logits = ex.decode(embeds[:, pos : pos + 1], rows[:, pos : pos + 1], pos)
             return logits
         T = usable[0]
         starts = list(range(0, n - T + 1, T))
         if starts[-1] + T < n:
             starts.append(n - T)
         for start in starts:
-            logits = ex.prefill(*self._step_inputs(ids[start : start + T]), start)
+            logits = ex.prefill(embeds[:, start : start + T], rows[:, start : start + T], start)
         return logits
 
     def generate_ids(
         self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-        seed: int = 0,
+        seed: int = 0, images=None, audio=None, image_size: int | None = None,
     ) -> Iterator[int]:
         """Streams generated token ids (stop tokens excluded). Stops at a stop token, after max_new_tokens, or when
-        the KV cache is full (then `notice` says so)."""
+        the KV cache is full (then `notice` says so).
+
+        images: an image (path, PIL.Image, uint8 array) or a list of images and videos (a video: a list of frames);
+        audio: a WAV/FLAC path or a 16 kHz array, or a list of them. With a string prompt they come first in the user
+        turn (images, then audio, then the text); a conversation places them with image/audio content items.
+        image_size: the vision encoder's input size (default: the bundle's first)."""
         sampler, stop = Sampler(temperature, top_k, top_p, seed), StopDetector(self.stop_ids)
-        ids = self.prompt_ids(prompt)
+        media = soft = None
+        if image_frames(images) or as_list(audio) or _has_media_items(prompt):
+            t0 = time.perf_counter()  # the time to the first token includes preprocessing and the encoders
+            media = self.media_prompt(prompt, images, audio, image_size)
+            soft = self.encode_media(media)
+            ids = media.ids
+        else:
+            ids = self.prompt_ids(prompt)
+            t0 = time.perf_counter()
         self.timing, self.notice = Timing(prompt_tokens=len(ids)), ""
-        t0 = time.perf_counter()
-        logits = self.prefill(ids)
-        self.timing.prefill_s = time.perf_counter() - t0
+        t_prefill = time.perf_counter()
+        self.timing.media_s = t_prefill - t0 if media is not None else 0.0
+        embeds, rows = self.embed_ids(ids) if media is None else self.embed_media_prompt(media, soft)
+        logits = self.prefill_embeddings(embeds, rows)
+        self.timing.prefill_s = time.perf_counter() - t_prefill
         pos, t1 = len(ids), time.perf_counter()
         for i in range(max_new_tokens):
             token = sampler(logits)
@@ -119,16 +217,24 @@ class Session:
                 self.notice = (f"stopped: the KV cache is full ({self.executor.cache_len} positions); "
                                "build the bundle with a larger --cache-len for longer generations")
                 break
-            logits = self.executor.decode(*self._step_inputs([token]), pos)
+            logits = self.executor.decode(*self.embed_ids([token], whole_model=media is not None), pos)
             pos += 1
         self.timing.decode_s = time.perf_counter() - t1
 
-    def generate(self, prompt, max_new_tokens: int = 32, **sampling) -> Iterator[str]:
-        """Streams text pieces; decoding the growing sequence keeps multi-byte characters and spaces intact."""
+    def generate(self, prompt, max_new_tokens: int = 32, **options) -> Iterator[str]:
+        """Streams text pieces; decoding the growing sequence keeps multi-byte characters and spaces intact. Options:
+        those of generate_ids (sampling, images, audio, image_size)."""
         out: list[int] = []
         text = ""
-        for token in self.generate_ids(prompt, max_new_tokens, **sampling):
+        for token in self.generate_ids(prompt, max_new_tokens, **options):
             out.append(token)
             new_text = self.tokenizer.decode(out)
             yield new_text[len(text):]
             text = new_text
+
+
+def _has_media_items(prompt) -> bool:
+    return isinstance(prompt, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(item, dict) and item.get("type") in ("image", "audio") for item in m["content"])
+        for m in prompt)

@@ -57,3 +57,13 @@ def default_bundles(tmp_path_factory):
     change a bundle work on a copy."""
     return build_bundles(default_model(), tmp_path_factory.mktemp("b") / "out", ["android", "executorch", "ios"],
                          cache_len=96, prefill_lengths=(16,), make_zip=True)
+
+
+@pytest.fixture(scope="session")
+def multimodal_bundles(tmp_path_factory):
+    """Float bundles of the embedded default whole model (text decoder, vision and audio encoders) for android and
+    executorch, at 256 px with a 512-position cache (an image and an audio window fit), built once (minutes)."""
+    from models.default import default_gemma3n
+
+    return build_bundles(default_gemma3n(), tmp_path_factory.mktemp("mm") / "out", ["android", "executorch"],
+                         cache_len=512, prefill_lengths=(64,), image_sizes=(256,))

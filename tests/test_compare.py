@@ -6,7 +6,11 @@
   layer K weights were perturbed is flagged against the unperturbed float model, and layer K is named as the first
   divergent stage.
 - `g3n compare` on a float Android bundle: the report files (JSON keys, the Markdown table, a valid PNG), exit 0 within
-  the limits, exit 1 naming the cell past a limit, one error line for a bad thresholds file.
+  the limits, exit 1 naming the cell past a limit, one error line for a bad thresholds file; the encoders "not in
+  bundle" there.
+- The encoders: their metrics against torch's, limits held at every image size, and on the session's multimodal
+  bundles (multimodal_bundles) each backend's encoder rows against the float PyTorch encoders, an encoder limit
+  failing the report.
 
 The model is the tiny preset cut to 4 layers (sliding, global, then one KV-shared layer of each type), every parameter
 random; conversions (one debug export, one bundle: about 2 minutes on 2 cores) dominate the run time.
@@ -145,6 +149,36 @@ def test_derived_limits_hold_the_measurement_they_came_from():
     assert compare.check_cell("litert/int4", {"decoder.decode": {"max_abs": 2.7}}, limits) != []
 
 
+def test_embedding_metrics_equal_torchs():
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.randn(1, 188, 64, generator=gen)
+    got = ref + 0.05 * torch.randn(1, 188, 64, generator=gen)
+    m = compare.embedding_metrics(ref.numpy(), got.numpy())
+    assert m["cosine"] == pytest.approx(F.cosine_similarity(ref.double().flatten(), got.double().flatten(), 0).item(),
+                                        abs=1e-12)
+    assert m["max_abs"] == pytest.approx((got - ref).abs().max().item(), rel=1e-6)
+    assert m["mean_abs"] == pytest.approx((got - ref).abs().mean().item(), rel=1e-5)
+
+
+def test_encoder_limits_hold_at_every_image_size_and_name_it():
+    entries = [{"component": "vision_encoder", "input": f"{s} px", "size": s,
+                "metrics": {"max_abs": 0.01, "mean_abs": 1e-3, "cosine": c}} for s, c in ((256, 0.999), (768, 0.98))]
+    entries.append({"component": "audio_encoder", "input": "30 s window", "size": None,
+                    "metrics": {"max_abs": 0.5, "mean_abs": 1e-3, "cosine": 0.999}})
+    limits = {"vision_encoder": {"cosine": 0.99, "max_abs": 0.1}, "audio_encoder": {"max_abs": 0.1}}
+    breaches = [str(b) for b in compare.check_encoders("executorch/int8", entries, limits)]
+    assert breaches == ["executorch/int8 vision_encoder (768 px) cosine = 0.98 < limit 0.99",
+                        "executorch/int8 audio_encoder (30 s window) max_abs = 0.5 > limit 0.1"]
+    assert entries[0]["breaches"] == [] and entries[1]["breaches"] == breaches[:1]
+    # Derived limits come from the worst size; a quantized cell's encoder cosine limit stays at 0.99 or above.
+    row = {"cell": "executorch/int8", "quant": "int8", "status": "pass", "metrics": {}, "localisation": None,
+           "encoders": entries[:2]}
+    derived = compare.thresholds_from_report({"inputs": None, "rows": [row]}, "c")["cells"]["executorch/int8"]
+    assert derived["vision_encoder"] == {"max_abs": 0.02, "mean_abs": 0.002, "cosine": 0.99}
+    assert derived["measured"]["vision_encoder"]["cosine"] == 0.98
+    assert compare.check_encoders("executorch/int8", entries[:1], derived) == []
+
+
 # --- a backend with a known injected error ----------------------------------------------------------------------------
 
 
@@ -207,7 +241,8 @@ def test_report_files_and_a_passing_gate(android_bundle, tmp_path, capsys):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert {"schema", "model", "inputs", "thresholds", "components", "rows", "breaches", "passed", "seconds"} <= set(report)
     assert report["components"] == {"decoder.prefill": "compared", "decoder.decode": "compared",
-                                    "vision_encoder": "not exported yet", "audio_encoder": "not exported yet"}
+                                    "vision_encoder": "not in bundle", "audio_encoder": "not in bundle"}
+    assert all(row["encoders"] == [] for row in report["rows"])
     litert, litertlm = report["rows"]
     assert (litert["cell"], litertlm["cell"]) == ("litert/none", "litertlm/none")
     # A float bundle: logits within the int8 PLE storage's rounding (~1e-2), every greedy token the float model's.
@@ -217,7 +252,8 @@ def test_report_files_and_a_passing_gate(android_bundle, tmp_path, capsys):
     assert len(litert["per_step_max_abs"]) == STEPS + 1
     md = (tmp_path / "r" / "report.md").read_text()
     assert md in out and "| backend | quant | scheme | prefill max abs |" in md
-    assert "| litertlm | none | none | - |" in md and "not exported yet" in md
+    assert "| litertlm | none | none | - |" in md and "vision_encoder (not in bundle)" in md
+    assert "| encoder |" not in md
     with Image.open(tmp_path / "r" / "plot.png") as png:
         png.verify()
         assert png.format == "PNG" and png.size[0] > 100
@@ -246,3 +282,43 @@ def test_missing_cell_and_bad_flags_are_one_error_line(android_bundle, tmp_path,
     assert not (tmp_path / "r").exists()
     code, _, err = _run(capsys, "compare", "--report", tmp_path / "r", "--quant", "int3")
     assert code == 2 and "unknown value int3" in err
+
+
+# --- the encoders of a multimodal bundle --------------------------------------------------------------------------
+
+
+def test_encoder_rows_and_an_encoder_breach_fail_the_report(multimodal_bundles, tmp_path, capsys):
+    """The session's float bundles of the default whole model (256 px): each backend's encoder rows against the float
+    PyTorch encoders, and a limit that no real encoder meets (max |error| of 1e-12: 84 convolution blocks do not
+    round like eager PyTorch) fails the cell, names the encoder and its input, and exits 1."""
+    bundles = [multimodal_bundles / "android", multimodal_bundles / "executorch"]
+    # The decoder as every float row meets it (the int8 PLE rows' ~5e-3), with a whole model's prompt embedding: the
+    # tiny vocabulary's text pieces 320..383 are the media vocabularies' ids, which the .litertlm's embedder (and so
+    # Google's engine) gives the embedders' rows, as Gemma3n.embed_prompt does.
+    decoder = {"decoder.prefill": {"max_abs": 0.02}, "decoder.decode": {"max_abs": 0.02, "greedy": 1.0}}
+    float_encoder = {"max_abs": 1e-3, "cosine": 0.9999}
+    limits = {"cells": {"litert/none": {**decoder, "audio_encoder": float_encoder, "vision_encoder": {"max_abs": 1e-12}},
+                        "litertlm/none": {"decoder.decode": {"greedy": 1.0}},
+                        "executorch/none": {**decoder, "audio_encoder": float_encoder, "vision_encoder": float_encoder}}}
+    code, out, err = _run(capsys, "compare", *[a for b in bundles for a in ("--bundle", b)], "--report",
+                          tmp_path / "r", "--steps", 2, "--thresholds", _write(tmp_path, limits))
+    assert code == 1
+    assert "threshold exceeded: litert/none vision_encoder (256 px) max_abs" in err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [b.split(" = ")[0] for b in report["breaches"]] == ["litert/none vision_encoder (256 px) max_abs"]
+    assert report["components"]["vision_encoder"] == report["components"]["audio_encoder"] == "compared"
+    rows = {row["cell"]: row for row in report["rows"]}
+    assert rows["litertlm/none"]["encoders"] == []  # the litert rows stand for the same sections
+    for cell in ("litert/none", "executorch/none"):
+        entries = {e["component"]: e for e in rows[cell]["encoders"]}
+        assert [e["input"] for e in rows[cell]["encoders"]][0] == "256 px" and set(entries) == {"vision_encoder",
+                                                                                                 "audio_encoder"}
+        # Float graphs: XNNPACK's rounding only (embeddings of unit RMS after the adapter's norm).
+        for entry in entries.values():
+            assert 0 < entry["metrics"]["max_abs"] < 1e-3 and entry["metrics"]["cosine"] > 0.99999, (cell, entry)
+    assert rows["litert/none"]["status"] == "fail" and rows["executorch/none"]["status"] == "pass"
+    assert rows["litert/none"]["localisation"] is None  # the decoder passed: nothing to localise
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| backend | quant | encoder scheme | encoder | input | max abs | mean abs | cosine | result |" in md
+    assert "| executorch | none | none | audio_encoder |" in md and "| litert | none | none | vision_encoder | 256 px |" in md
+    assert "FAIL: max_abs = " in md and "Not compared" not in md

@@ -120,6 +120,33 @@ def test_host_run_writes_table_plots_and_history(host_run):
     assert all(r[1] == "ok" and r[2] > 0 and r[3] == 1 for r in rows)
 
 
+def test_host_run_times_the_encoders_of_a_multimodal_bundle(multimodal_bundles, tmp_path):
+    """The session's float android bundle of the default whole model (256 px): the torch and litert rows time the
+    encoders on the golden media; Google's engine, which runs its encoders only inside generation, says so."""
+    code = _main("harness", "run", "--device", "host", "--bundle", multimodal_bundles / "android", "--report",
+                 tmp_path / "r", "--history", tmp_path / "h.sqlite", "--iterations", "2", "--warmup", "1",
+                 "--decode-tokens", "2")
+    record = json.loads((tmp_path / "r" / "record.json").read_text())
+    assert code in (0, 1)  # numerics against golden.safetensors: the text-only path, tested with the default bundles
+    results = {_backend(r): r["performance"] for r in record["results"]}
+    assert set(results) == {"torch", "litert", "litertlm"} and all(r["status"] == "ok" for r in record["results"])
+    for backend in ("torch", "litert"):
+        vision, audio = results[backend]["vision_encoder_images_per_s"], results[backend]["audio_real_time_factor"]
+        assert vision["size"] == 256 and vision["value"] == vision["per_size"]["256"] > 0, backend
+        assert vision["latency_ms"]["256"]["count"] == 2
+        assert vision["value"] == pytest.approx(1e3 / vision["latency_ms"]["256"]["p50"])
+        # One 30 s window of the tiny conformer: far faster than real time, but not free.
+        assert 0 < audio["value"] < 1 and audio["window_s"] == 30.0, backend
+        assert audio["value"] == pytest.approx(audio["latency_ms"]["p50"] / 1e3 / 30.0)
+    for field in ("vision_encoder_images_per_s", "audio_real_time_factor"):
+        assert results["litertlm"][field]["value"] is None
+        assert results["litertlm"][field]["reason"].startswith("not measured: Google's LiteRT-LM engine")
+    table = (tmp_path / "r" / "report.md").read_text()
+    torch_line = next(line for line in table.splitlines() if "PyTorch eager" in line)
+    assert f"| {results['torch']['vision_encoder_images_per_s']['value']:.3g} |" in torch_line
+    assert "not in bundle" not in table
+
+
 def test_ops_per_unit_count_every_node(host_run, bundles):
     """The litert split (XNNPACK vs builtin kernels) covers every node of the subgraph; ExecuTorch lists delegate
     calls and portable kernels per method."""

@@ -8,6 +8,9 @@ Interface (duck-typed):
     prefill(embeds [1,T,H], per_layer_rows [1,T,L,P], start: int) -> np.ndarray [V]   # last position's logits
     decode(embeds [1,1,H], per_layer_rows [1,1,L,P], pos: int) -> np.ndarray [V]
     reset() -> None                                                 # empty the KV cache
+
+A bundle with encoders also gets an encoder runner per backend (runtime_py.executors.encoders: image(pixel_values),
+audio(features, padding_mask)); the session splices their outputs into the embeddings it hands to prefill.
 """
 
 BACKENDS = ("torch", "litert", "litertlm", "executorch", "coreml")

@@ -1,13 +1,18 @@
 """The coreml backend (macOS only): the bundle's multifunction .mlpackage, prefill_<T> and decode sharing one KV-cache
 state; token embeddings from embeddings.safetensors and PLE rows from per_layer_embeddings.safetensors, as an iOS app
-reads them. Never exercised on Linux, where coremltools cannot predict."""
+reads them; CoreMLEncoders runs the encoder packages beside it. Never exercised on Linux, where coremltools cannot
+predict."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
+
+from models.errors import InputError
+from runtime_py.executors.encoders import check_image_size
 
 
 class CoreMLExecutor:
@@ -40,3 +45,67 @@ class CoreMLExecutor:
 
     def reset(self) -> None:
         self.state = self.functions["decode"].make_state()  # one state, shared by every function
+
+
+class CoreMLEncoders:
+    """The bundle's encoder packages (exporters.coreml): vision_encoder.mlpackage, one function vision_encoder_<S> per
+    image size, and audio_encoder.mlpackage. The interface of runtime_py.executors.encoders.
+
+    The bundle is checked on construction (packages and functions, read from their specs: that works anywhere); a
+    function is loaded on its first use, since loading compiles the package, and running needs macOS. Core ML picks
+    its own threads and compute units (ALL), so `threads` is unused."""
+
+    name = "coreml"
+
+    def __init__(self, bundle: Path, manifest: dict, threads: int = 2):
+        from exporters.coreml import AUDIO_FUNCTION, AUDIO_PACKAGE, VISION_PACKAGE, vision_function_name
+
+        spec = manifest.get("export_spec", {})
+        components = spec.get("components", ())
+        self.has_vision, self.has_audio = "vision" in components, "audio" in components
+        self.image_sizes = tuple(spec.get("image_sizes", ())) if self.has_vision else ()
+        self.vision_package, self.audio_package = Path(bundle) / VISION_PACKAGE, Path(bundle) / AUDIO_PACKAGE
+        self.vision_functions = {size: vision_function_name(size) for size in self.image_sizes}
+        self.audio_function = AUDIO_FUNCTION
+        if self.has_vision:
+            check_functions(self.vision_package, list(self.vision_functions.values()))
+        if self.has_audio:
+            check_functions(self.audio_package, [self.audio_function])
+        self.loaded = {}
+
+    def run(self, package: Path, function: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+        if (package, function) not in self.loaded:
+            if sys.platform != "darwin":
+                raise InputError(f"{package}: the coreml backend needs macOS (coremltools cannot run Core ML models "
+                                 f"on {sys.platform})")
+            import coremltools as ct
+
+            self.loaded[package, function] = ct.models.MLModel(str(package), function_name=function)
+        return np.asarray(self.loaded[package, function].predict(inputs)[output], dtype=np.float32)
+
+    def image(self, pixel_values: np.ndarray) -> np.ndarray:
+        if not self.has_vision:
+            raise InputError(f"{self.vision_package.parent}: the bundle has no vision encoder")
+        size = check_image_size(pixel_values, self.image_sizes, str(self.vision_package))
+        inputs = {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)}
+        return self.run(self.vision_package, self.vision_functions[size], inputs, "image_embeddings")
+
+    def audio(self, features: np.ndarray, padding_mask: np.ndarray) -> np.ndarray:
+        if not self.has_audio:
+            raise InputError(f"{self.audio_package.parent}: the bundle has no audio encoder")
+        inputs = {"features": np.ascontiguousarray(features, np.float32),
+                  "padding_mask": np.ascontiguousarray(padding_mask, np.float32)}
+        return self.run(self.audio_package, self.audio_function, inputs, "audio_embeddings")
+
+
+def check_functions(package: Path, functions: list[str]) -> None:
+    """InputError unless `package` exists and has every one of `functions` (read from its spec: no Core ML runtime
+    needed)."""
+    import coremltools as ct
+
+    if not (package / "Manifest.json").is_file():
+        raise InputError(f"{package}: missing (the bundle's export_spec lists this encoder)")
+    found = [f.name for f in ct.utils.load_spec(str(package)).description.functions]
+    missing = [f for f in functions if f not in found]
+    if missing:
+        raise InputError(f"{package}: has no function {', '.join(missing)} (it has {', '.join(found) or 'none'})")

@@ -594,14 +594,16 @@ def aot_compile_tensor(tflite: Path, out: Path, socs=TENSOR_SOCS) -> dict:
 
 def npu_notes(manifest: dict) -> list[str]:
     """What --backend npu means for this bundle, line by line: the SDK, the vision encoder, the language model."""
-    from runtime_py.harness.record import NOT_IN_BUNDLE
+    from runtime_py.harness.record import NOT_IN_BUNDLE, bundle_encoders
 
     available, sdk_line = tensor_sdk_status()
-    has_vision = any("vision" in f["path"] for f in manifest.get("files", []))
     lines = [sdk_line if not available else f"{sdk_line} found"]
-    if not has_vision:
+    if "vision" not in bundle_encoders(manifest):
         lines.append("Tensor NPU, vision encoder: " + NOT_IN_BUNDLE.format(what="vision encoder")
                      + "; nothing to AOT compile")
+    else:
+        lines.append("Tensor NPU, vision encoder: in the bundle (sections of model.litertlm); give it as a .tflite "
+                     "with --tensor-aot to AOT compile it")
     lines.append("Tensor NPU, language model: " + NPU_LLM_NOTE)
     return lines
 

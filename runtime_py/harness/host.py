@@ -5,8 +5,10 @@ Per backend: load time, numerics against golden.safetensors (teacher-forced, see
 untimed and `iterations` timed generations of `decode_tokens` greedy tokens from the golden prompt (stop tokens
 ignored, so every iteration decodes the same number of steps): per-iteration request latency, prefill latency and
 time to first token, every decode step's latency, prefill and decode tokens/s as `g3n generate`'s timing line
-defines them, and the process's peak RSS (VmHWM). The litertlm backend is Google's LiteRT-LM engine with its
-benchmark counters switched on: its own time to first token and prefill/decode tokens/s are recorded beside ours.
+defines them, and the process's peak RSS (VmHWM); for a bundle with encoders, the session's encoders on the golden
+media: vision images/s at each image size and the audio real-time factor (measure_encoders). The litertlm backend
+is Google's LiteRT-LM engine with its benchmark counters switched on: its own time to first token and prefill/decode
+tokens/s are recorded beside ours.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ RUNTIMES = {  # backend -> (runtime name, the distribution whose version it repo
     "coreml": ("g3n reference runtime: coremltools predict", "coremltools"),
 }
 WORKER_TIMEOUT_S = 1800
+ENGINE_ENCODERS = ("Google's LiteRT-LM engine runs its encoders inside generation only; the litert row times the same "
+                   ".litertlm sections")
 
 
 def runtime_of(backend: str) -> dict:
@@ -126,7 +130,9 @@ def measure(job: dict) -> dict:
     result["performance"]["peak_memory_mb"] = {
         "value": _proc_status_mb("VmHWM"), "rss_before_load_mb": rss_before,
         "what": "peak resident set size (VmHWM) of the worker process: Python, the runtime and the model"}
-    result["performance"].update(encoder_fields(manifest))
+    if "encoders" not in result["performance"]:  # litertlm: Google's engine, no encoder runner here
+        result["performance"].update(encoder_fields(manifest, why=ENGINE_ENCODERS))
+    result["performance"].update(result["performance"].pop("encoders", {}))
     result["backend"] = {"requested": settings["backend"],
                          **ops_per_unit(bundle, manifest, backend, settings["threads"], settings.get("compute_units"))}
     result["status"] = "ok"
@@ -174,8 +180,51 @@ def measure_session(session, load_s: float, bundle: Path, manifest: dict, backen
             stamps.append(time.perf_counter())
         if i >= settings["warmup"]:
             runs.append((t, stamps, session.timing))
-    return {"performance": _performance(runs, load_s),
+    performance = _performance(runs, load_s)
+    runner = getattr(session, "encoders", None)
+    measured = measure_encoders(runner, bundle, manifest, settings) if runner is not None else None
+    performance["encoders"] = encoder_fields(manifest, measured, why=f"the {backend} session has no encoder runner")
+    return {"performance": performance,
             "numerics": numerics.numerics_entry(metrics, backend, manifest["quantization"]["level"], thresholds)}
+
+
+def measure_encoders(runner, bundle: Path, manifest: dict, settings: dict) -> dict:
+    """Vision images/s and the audio real-time factor of a session's encoder runner (runtime_py.executors.encoders)
+    on the bundle's golden media: `warmup` untimed and `iterations` timed calls per input. Images/s is 1 / the median
+    call at each of the bundle's image sizes, `value` at the default (the first); the real-time factor is the median
+    call's seconds per second of audio of one 30 s window (the log-mel features are the golden ones: their
+    extraction is not timed)."""
+    from exporters.encoders import AUDIO_WINDOW_SAMPLES
+    from models.audio import SAMPLE_RATE
+    from runtime_py.compare import golden_media_inputs
+
+    window_s = AUDIO_WINDOW_SAMPLES / SAMPLE_RATE
+    vision, out = {}, {}
+    for component, label, size, args in golden_media_inputs(bundle, manifest):
+        call = runner.image if component == "vision_encoder" else runner.audio
+        for _ in range(settings["warmup"]):
+            call(*args)
+        samples = []
+        for _ in range(settings["iterations"]):
+            t = time.perf_counter()
+            call(*args)
+            samples.append((time.perf_counter() - t) * 1e3)
+        latency = percentiles(samples)
+        if component == "vision_encoder":
+            vision[size] = latency
+        else:
+            out["audio_real_time_factor"] = {
+                "value": latency["p50"] / 1e3 / window_s, "window_s": window_s, "latency_ms": latency,
+                "what": "median seconds of compute per second of audio, one 30 s window (log-mel features given)"}
+    if vision:
+        default = next(iter(vision))
+        out["vision_encoder_images_per_s"] = {
+            "value": 1e3 / vision[default]["p50"], "size": default,
+            "per_size": {str(s): 1e3 / lat["p50"] for s, lat in vision.items()},
+            "latency_ms": {str(s): lat for s, lat in vision.items()},
+            "what": f"1 / the median call at {default} px (the bundle's default size), batch 1, preprocessed pixels "
+                    "given"}
+    return out
 
 
 def _performance(runs, load_s: float, engine=None) -> dict:

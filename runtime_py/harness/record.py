@@ -10,8 +10,10 @@ the device:
     backend        {requested, used, fully_accelerated, ops_per_unit, note}
     status         "ok" | "skipped" | "error" (then `reason`)
     performance    latency samples with p50/p90/p99 (request, prefill, decode step), time to first token, prefill
-                   and decode tokens/s, vision encoder images/s and audio real-time factor (null with a reason when
-                   the bundle has no such encoder), peak memory, the engine's own counters where a runtime has them
+                   and decode tokens/s, vision encoder images/s (at the bundle's default image size, with every
+                   size's) and audio real-time factor (compute seconds per second of audio, one 30 s window), each
+                   with its latency samples, or null with a reason (no such encoder in the bundle, or not measured
+                   on that path), peak memory, the engine's own counters where a runtime has them
     numerics       against the bundle's golden vectors: max abs, relative and mean abs error, cosine, greedy tokens,
                    pass/fail against the thresholds, which thresholds
 
@@ -31,7 +33,10 @@ from pathlib import Path
 import numpy as np
 
 SCHEMA = "g3n-harness/1"
-NOT_IN_BUNDLE = "not in bundle: the bundle holds no {what} (encoder exports come with a later issue)"
+NOT_IN_BUNDLE = "not in bundle: the bundle holds no {what} (a text-only model's bundle)"
+NOT_MEASURED = "not measured: {why}"
+# The bundle manifest's encoder names -> the performance fields measuring them.
+ENCODER_FIELDS = {"vision": "vision_encoder_images_per_s", "audio": "audio_real_time_factor"}
 SCHEMA_SOURCES = [
     "MLPerf Mobile result format: mlcommons/mobile_app_open docs/result-spec.md",
     "ExecuTorch benchmark records: pytorch/executorch .github/scripts/extract_benchmark_results.py (transform)",
@@ -59,16 +64,25 @@ def unavailable(reason: str) -> dict:
     return {"value": None, "reason": reason}
 
 
-def encoder_fields(manifest: dict) -> dict:
-    """Vision images/s and audio real-time factor: measured only where the bundle holds the encoder."""
-    components = set(manifest.get("export_spec", {}).get("components", []))
-    vision = ("vision_encoder" in components) or any("vision" in f["path"] for f in manifest.get("files", []))
-    audio = ("audio_encoder" in components) or any("audio" in f["path"] for f in manifest.get("files", []))
+def bundle_encoders(manifest: dict) -> set[str]:
+    """The encoders a bundle holds ("vision", "audio"), from its manifest's `encoders` entry."""
+    return set((manifest.get("encoders") or {}).get("components", []))
+
+
+def encoder_fields(manifest: dict, measured: dict | None = None,
+                   why: str = "this device path runs the language model only (the host harness times the encoders)"
+                   ) -> dict:
+    """Vision images/s and audio real-time factor: the `measured` entries, else null with the reason (the bundle
+    has no such encoder, or `why` it was not measured)."""
+    have = bundle_encoders(manifest)
     out = {}
-    if not vision:
-        out["vision_encoder_images_per_s"] = unavailable(NOT_IN_BUNDLE.format(what="vision encoder"))
-    if not audio:
-        out["audio_real_time_factor"] = unavailable(NOT_IN_BUNDLE.format(what="audio encoder"))
+    for name, key in ENCODER_FIELDS.items():
+        if measured and key in measured:
+            out[key] = measured[key]
+        elif name not in have:
+            out[key] = unavailable(NOT_IN_BUNDLE.format(what=f"{name} encoder"))
+        else:
+            out[key] = unavailable(NOT_MEASURED.format(why=why))
     return out
 
 

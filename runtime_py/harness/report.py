@@ -71,7 +71,9 @@ def markdown(record: dict) -> str:
                  "teacher-forced decode steps); limits from " + "; ".join(notes) + ".")
     for key, label in (("vision_encoder_images_per_s", "Vision encoder images/s"),
                        ("audio_real_time_factor", "Audio real-time factor")):
-        reasons = sorted({(r.get("performance") or {}).get(key, {}).get("reason") for r in record["results"]} - {None})
+        fields = [(r.get("performance") or {}).get(key, {}) for r in record["results"]]
+        lines += [f"{label}: {what}." for what in sorted({f.get("what") for f in fields if f.get("value")} - {None})]
+        reasons = sorted({f.get("reason") for f in fields} - {None})
         lines += [f"{label}: {reason}." for reason in reasons]
     for note in sorted({r["numerics"]["note"] for r in record["results"]
                         if r["status"] == "ok" and r.get("numerics") and r["numerics"].get("note")}):
@@ -89,7 +91,11 @@ def markdown(record: dict) -> str:
 
 
 def _na(field: dict) -> str:
-    return _fmt(field.get("value"), "{:.2f}") if field.get("value") is not None else "not in bundle"
+    """An encoder's number (3 significant digits: the tiny encoders' real-time factors are ~1e-3), or why it has none
+    in short ("not in bundle", "not measured"; the notes under the table give the reasons)."""
+    if field.get("value") is not None:
+        return _fmt(field["value"], "{:.3g}")
+    return (field.get("reason") or "not in bundle").split(":", 1)[0]
 
 
 def _thermal(thermal: dict | None) -> str:

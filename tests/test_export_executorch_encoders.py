@@ -1,0 +1,246 @@
+"""ExecuTorch export of the whole default model: the vision and audio encoders as methods of the decoder's model.pte,
+run by executorch.runtime (through ExecuTorchEncoders) against the float PyTorch encoders (TorchEncoders, the
+reference: our model, itself checked against timm and transformers).
+
+Lowering MobileNet-V5 costs minutes on 2 shared cores whatever its width (the tiny model has every block of the
+published encoder, ~2,900 graph nodes), so the tests that lower are heavy and share one module-scoped export per
+scheme at 256 px; the 768 px numbers and the several-size checks are in the lead's report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from exporters.encoders import golden_media
+from exporters.executorch import (
+    AUDIO_METHOD,
+    PLE_TAG,
+    PTE_NAME,
+    VISION_METHOD,
+    Int8WeightOnlyConv,
+    XnnpackRMSNorm2d,
+    encoder_programs,
+    export_executorch,
+    lower,
+    sharing_copy,
+    swap_norms_,
+    vision_method,
+)
+from exporters.spec import ExportSpec
+from models.default import default_gemma3n, default_model, randomise_
+from models.errors import InputError
+from models.generate import prefill_and_decode
+from models.vision import Conv2dSame, RMSNorm2d
+from runtime_py.executors.encoders import TorchEncoders
+from runtime_py.executors.executorch_executor import ExecuTorchEncoders, load_program
+
+SIZE, CACHE_LEN, PROMPT_LEN, STEPS = 256, 64, 16, 8
+SPEC = ExportSpec("executorch", cache_len=CACHE_LEN, prefill_lengths=(PROMPT_LEN,), ple_storage="fp32",
+                  components=("decoder", "vision", "audio"), image_sizes=(SIZE,))
+
+
+def cosine(a, b) -> float:
+    a, b = (torch.as_tensor(x).double().flatten() for x in (a, b))
+    return F.cosine_similarity(a, b, dim=0).item()
+
+
+def max_abs(a, b) -> float:
+    return (torch.as_tensor(a) - torch.as_tensor(b)).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def whole():
+    return default_gemma3n()
+
+
+@pytest.fixture(scope="module")
+def golden(whole):
+    return golden_media(whole, (SIZE,))
+
+
+@pytest.fixture(scope="module")
+def float_bundle(whole, tmp_path_factory):
+    """export_executorch's folder with the manifest fields that the runtime reads."""
+    out = tmp_path_factory.mktemp("et-enc") / "bundle"
+    export_executorch(whole, SPEC, out)
+    manifest = {"export_spec": SPEC.as_dict(), "files": [{"path": p.name} for p in sorted(out.iterdir())]}
+    return out, manifest
+
+
+def plans(pte_bytes: bytes) -> dict[str, tuple[int, list[str]]]:
+    """method -> (XNNPACK delegate calls, the operators it runs outside them), read from the serialized program."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte_bytes).program
+    out = {}
+    for plan in program.execution_plan:
+        calls = [i.instr_args for i in plan.chains[0].instructions] if plan.chains else []
+        kernels = [plan.operators[c.op_index].name for c in calls if type(c).__name__ == "KernelCall"]
+        out[plan.name] = (sum(type(c).__name__ == "DelegateCall" for c in calls), kernels)
+    return out
+
+
+# --- without lowering ------------------------------------------------------------------------------------------
+
+
+def test_text_only_model_refuses_encoders(tmp_path):
+    with pytest.raises(InputError, match="no encoders"):
+        export_executorch(default_model(), SPEC, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_xnnpack_norm_matches_rmsnorm2d():
+    norm = RMSNorm2d(24, eps=1e-6)
+    randomise_(norm, 3)
+    x = torch.randn(1, 24, 8, 8, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad():
+        # The mean of squares as a 1x1 convolution sums in another order: fp32 rounding only.
+        torch.testing.assert_close(XnnpackRMSNorm2d(norm)(x), norm(x), rtol=1e-6, atol=1e-6)
+
+
+def test_int8_weight_only_conv():
+    conv = Conv2dSame(8, 16, 3, stride=2, bias=True)  # a strided conv pads by its input's size: the stem's case
+    randomise_(conv, 5)
+    x = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(6))
+    quantized = Int8WeightOnlyConv(conv)
+    assert quantized.weight.dtype == torch.int8 and quantized.scales.numel() == 16
+    scales = quantized.scales.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        padded = F.pad(x, (0, 1, 0, 1))
+        dequantized = F.conv2d(padded, quantized.weight.float() * scales, conv.bias, stride=2)
+        out, reference = quantized(x), conv(x)
+        # Per-channel int8 keeps each weight within half a step of its value: each output within sum |x| * step / 2.
+        bound = F.conv2d(padded.abs(), (scales / 2).expand_as(conv.weight), stride=2)
+    torch.testing.assert_close(out, dequantized, rtol=1e-5, atol=1e-5)
+    assert ((out - reference).abs() <= bound + 1e-5).all() and 0 < max_abs(out, reference)
+
+
+def test_sharing_copy_swaps_without_touching_the_model(whole):
+    tower = whole.vision_tower.conv_stem
+    copied = sharing_copy(tower)
+    swap_norms_(copied)
+    assert isinstance(tower.bn, RMSNorm2d) and isinstance(copied.bn, XnnpackRMSNorm2d)
+    assert copied.conv.weight is tower.conv.weight and copied.bn.weight is tower.bn.weight
+
+
+# --- the float export: decoder, vision (256 px) and audio in one program ------------------------------------------
+
+
+@pytest.mark.heavy
+def test_methods_delegates_and_shared_weights(float_bundle, whole):
+    out, _ = float_bundle
+    pte = out / PTE_NAME
+    assert sorted(p.name for p in out.iterdir()) == [PTE_NAME, f"{PLE_TAG}.ptd"]
+    program = load_program(pte, out / f"{PLE_TAG}.ptd")
+    assert {VISION_METHOD, vision_method(SIZE), AUDIO_METHOD, "decode", f"prefill_{PROMPT_LEN}",
+            "token_embedding", "per_layer_embedding", "get_image_sizes"} <= program.method_names
+    assert list(program.load_method("get_image_sizes").execute([])) == [SIZE]
+    data = pte.read_bytes()
+    counts = plans(data)
+    # XNNPACK runs the whole vision graph but the nearest-neighbour upsampling of the MSFA, which splits it in two.
+    for method in (VISION_METHOD, vision_method(SIZE)):
+        assert counts[method] == (2, ["aten::upsample_nearest2d"]), counts[method]
+    # The default-size method repeats vision_encoder_256 and reads the same weights: each is stored once.
+    largest = max((m for m in whole.vision_tower.modules() if isinstance(m, torch.nn.Conv2d)
+                   and m.kernel_size == (1, 1)), key=lambda m: m.weight.numel())
+    assert data.count(largest.weight.detach().numpy().tobytes()) == 1
+    print("delegates / portable ops:", {k: (d, len(ops)) for k, (d, ops) in counts.items()})
+
+
+@pytest.mark.heavy
+def test_encoders_match_torch(float_bundle, whole, golden):
+    bundle, manifest = float_bundle
+    encoders, reference = ExecuTorchEncoders(bundle, manifest, threads=2), TorchEncoders(whole)
+    assert (encoders.image_sizes, encoders.has_vision, encoders.has_audio) == ((SIZE,), True, True)
+    pixels = golden[f"pixel_values_{SIZE}"].numpy()
+    image, image_ref = encoders.image(pixels), reference.image(pixels)
+    assert image.shape == (1, 256, whole.config.text.hidden_size)
+    # fp32 throughout; XNNPACK's kernels (convs in NHWC, tanh-form GELU, the norms' 1x1 means) round differently:
+    # measured 1.1e-5 on embeddings up to ~3.4.
+    assert max_abs(image, image_ref) < 1e-4, max_abs(image, image_ref)
+    features, mask = golden["audio_features"].numpy(), golden["audio_padding_mask"].numpy()
+    audio, audio_ref = encoders.audio(features, mask), reference.audio(features, mask)
+    assert audio.shape == (1, 188, whole.config.text.hidden_size)
+    assert max_abs(audio, audio_ref) < 2e-5, max_abs(audio, audio_ref)  # measured 2.2e-6
+    # The default method is the same graph as the sized one.
+    default = encoders.program.load_method(VISION_METHOD).execute([torch.from_numpy(pixels)])[0].numpy()
+    np.testing.assert_array_equal(default, image)
+    print(f"float vision {SIZE}: max abs {max_abs(image, image_ref):.2e}; audio: {max_abs(audio, audio_ref):.2e}")
+
+    with pytest.raises(InputError, match="no vision encoder for 512 px"):
+        encoders.image(np.zeros((1, 3, 512, 512), np.float32))
+    with pytest.raises(InputError, match="expected"):
+        encoders.audio(features[:, :100], mask[:, :100])
+    listed = {**manifest, "export_spec": {**manifest["export_spec"], "image_sizes": [SIZE, 512]}}
+    with pytest.raises(InputError, match="vision_encoder_512"):
+        ExecuTorchEncoders(bundle, listed, threads=2)
+
+
+@pytest.mark.heavy
+def test_decoder_shares_its_cache_beside_the_encoders(float_bundle, golden):
+    """Prefill, an image through the vision encoder, then decode steps: decode still reads the cache that prefill
+    wrote (the encoders have no mutable buffers and plan their own memory), as in eager PyTorch."""
+    bundle, manifest = float_bundle
+    program = load_program(bundle / PTE_NAME, bundle / f"{PLE_TAG}.ptd")
+    token_embedding, per_layer = program.load_method("token_embedding"), program.load_method("per_layer_embedding")
+    prefill, decode = program.load_method(f"prefill_{PROMPT_LEN}"), program.load_method("decode")
+    vision = program.load_method(VISION_METHOD)
+
+    decoder = default_model()  # default_gemma3n's decoder has these weights
+    prompt = torch.randint(0, decoder.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    prefill_logits, step_logits, tokens = prefill_and_decode(decoder, prompt, STEPS, CACHE_LEN)
+    reference = [prefill_logits[0, -1]] + [s[0] for s in step_logits]
+
+    def inputs(ids):
+        return token_embedding.execute([ids])[0], per_layer.execute([ids])[0]
+
+    logits = [prefill.execute([*inputs(prompt), torch.arange(PROMPT_LEN)])[0][0, -1]]
+    vision.execute([golden[f"pixel_values_{SIZE}"]])
+    for pos, token in enumerate(tokens[:STEPS], start=PROMPT_LEN):
+        logits.append(decode.execute([*inputs(torch.tensor([[token]])), torch.tensor([pos])])[0][0, -1])
+    errors = [max_abs(a, b) for a, b in zip(logits, reference)]
+    assert max(errors) <= 1e-4, errors  # as the decoder-only export (test_export_executorch)
+    assert [int(x.argmax()) for x in logits] == tokens
+
+
+# --- the encoders quantized ------------------------------------------------------------------------------------
+
+
+@pytest.mark.heavy
+def test_8da8w_encoders(whole, golden, tmp_path):
+    """The bundle's int8 scheme: int8 per-channel weights and dynamically quantized activations for every Linear and
+    2-D convolution but the depthwise ones, run by XNNPACK."""
+    spec = ExportSpec("executorch", components=("decoder", "vision", "audio"), image_sizes=(SIZE,),
+                      encoder_quant="8da8w")
+    programs = encoder_programs(whole, spec)
+    eager = {name: program.module() for name, program in programs.items()}
+    pte = tmp_path / PTE_NAME
+    pte.write_bytes(lower(programs, {}, {VISION_METHOD: vision_method(SIZE)}).buffer)
+    program = load_program(pte, None)
+    pixels, features, mask = golden[f"pixel_values_{SIZE}"], golden["audio_features"], golden["audio_padding_mask"]
+    image = program.load_method(vision_method(SIZE)).execute([pixels])[0]
+    audio = program.load_method(AUDIO_METHOD).execute([features, mask])[0]
+    image_ref, audio_ref = golden[f"image_embeddings_{SIZE}"], golden["audio_embeddings"]
+    with torch.no_grad():
+        image_eager, audio_eager = eager[vision_method(SIZE)](pixels), eager[AUDIO_METHOD](features, mask)
+    print(f"8da8w vision {SIZE}: max abs {max_abs(image, image_ref):.3f} cosine {cosine(image, image_ref):.5f}; "
+          f"audio: max abs {max_abs(audio, audio_ref):.3f} cosine {cosine(audio, audio_ref):.5f}; "
+          f"eager PT2E reference: {cosine(image_eager, image_ref):.5f} / {cosine(audio_eager, audio_ref):.5f}; "
+          f".pte {pte.stat().st_size:,} B")
+    # Measured 0.9989 (vision) and 0.99996 (audio); at 768 px 0.9982 (the lead's report).
+    assert cosine(image, image_ref) >= 0.99 and cosine(audio, audio_ref) >= 0.99
+    # XNNPACK picks the activations' ranges and rounds by itself, so the program does not repeat the eager PT2E
+    # reference bit for bit (cosine 0.9990 between them); it stays as close to float as that reference is (measured
+    # 1 - cosine 1.06e-3 against the reference's 1.52e-3 for vision, 3.9e-5 against 4.3e-5 for audio).
+    for out, eager_out, ref in ((image, image_eager, image_ref), (audio, audio_eager, audio_ref)):
+        assert 1 - cosine(out, ref) <= 1.2 * (1 - cosine(eager_out, ref))
+    counts = plans(pte.read_bytes())
+    delegates, portable = counts[vision_method(SIZE)]
+    assert portable == ["aten::upsample_nearest2d"] and delegates <= 21, counts[vision_method(SIZE)]
+    # int8 weights: the vision weights (7.3M parameters, 29 MB in fp32) take about a quarter.
+    float_bytes = 4 * sum(p.numel() for m in (whole.vision_tower, whole.embed_vision, whole.audio_tower,
+                                              whole.embed_audio) for p in m.parameters())
+    assert pte.stat().st_size < 0.35 * float_bytes
