@@ -238,4 +238,14 @@ TINY = TextConfig(
     activation_sparsity=(0.95, 0.95) + (0.0,) * 6,
     max_position_embeddings=512,
 )
+# The tiny preset cut to 4 layers (sliding, global, then one KV-shared layer of each type): the fewest layers with every
+# kind, for tests whose cost is lowering (not a preset: no bundle uses it).
+TINY_4_LAYERS = replace(
+    TINY,
+    num_layers=4,
+    layer_types=(SLIDING, GLOBAL, SLIDING, GLOBAL),
+    num_kv_shared_layers=2,
+    ffn_widths=(128,) * 4,
+    activation_sparsity=(0.95, 0.0, 0.0, 0.0),
+)
 PRESETS = {"e2b": E2B, "e4b": E4B, "tiny": TINY}

@@ -175,13 +175,16 @@ class Gemma3n(nn.Module):
             embeds = torch.where(owned.unsqueeze(-1), embedder.embed_ids(safe_ids).to(embeds.dtype), embeds)
         tokens = self.config.tokens
         for name, token, soft in (("image", tokens.image, image_embeddings), ("audio", tokens.audio, audio_embeddings)):
+            if soft is None:
+                # As transformers without pixel values or audio: the ids keep their embedder rows (a generated
+                # soft-token id in decode).
+                continue
             slots = token_ids == token
-            given = 0 if soft is None else soft.shape[0] * soft.shape[1]
+            given = soft.shape[0] * soft.shape[1]
             if int(slots.sum()) != given:
                 raise InputError(f"the prompt has {int(slots.sum())} {name} soft-token positions but {given} {name} "
                                  "embeddings were given")
-            if soft is not None:
-                embeds = embeds.masked_scatter(slots.unsqueeze(-1), soft.to(embeds.dtype))
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), soft.to(embeds.dtype))
         return embeds, lm.per_layer_embedding(token_ids)
 
     def forward(

@@ -209,7 +209,7 @@ def cmd_info(args) -> int:
         cfg, source, slice_info = PRESETS[name], f"preset {name}", None
         counts = count_config(cfg, multimodal=name != "tiny")
         if name == "tiny":
-            source = "embedded default (tiny preset: every Gemma 3n feature, toy size, no audio/vision yet)"
+            source = "embedded default (tiny preset: every Gemma 3n feature at toy size; counts: the text decoder)"
     summary = {
         "source": source,
         "layers": cfg.num_layers,

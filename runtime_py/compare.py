@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import InputError
-from models.text import TextDecoder
 
 SCHEMA = "g3n-compare/1"
 DEFAULT_THRESHOLDS = Path(__file__).resolve().parents[1] / "ci" / "thresholds.json"

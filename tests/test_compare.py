@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,21 +29,14 @@ from PIL import Image
 
 from exporters.debug import export_debug, open_debug
 from exporters.spec import ExportSpec
-from models.config import GLOBAL, SLIDING, TINY
+from models.config import TINY_4_LAYERS
 from models.default import randomise_
 from models.errors import InputError
 from models.text import TextDecoder
 from runtime_py import compare
 from runtime_py.cli import main
 
-SMALL = replace(
-    TINY,
-    num_layers=4,
-    layer_types=(SLIDING, GLOBAL, SLIDING, GLOBAL),
-    num_kv_shared_layers=2,
-    ffn_widths=(128,) * 4,
-    activation_sparsity=(0.95, 0.0, 0.0, 0.0),
-)
+SMALL = TINY_4_LAYERS
 CACHE_LEN, PREFILL_LEN, STEPS = 48, 8, 6
 PERTURBED_LAYER = 1
 PROMPT_IDS = [2] + list(range(10, 30))  # 21 tokens: prefill_8 twice, then the last 8 (overlapping), then decode

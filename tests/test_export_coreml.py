@@ -25,6 +25,7 @@ from exporters.coreml import (
 from exporters.spec import ExportSpec
 from models.default import default_model
 from models.generate import prefill_and_decode
+from runtime_py.executors.coreml_executor import coreml_can_predict
 
 CACHE_LEN, PROMPT_LEN, DECODE_STEPS = 16, 4, 3
 FUNCTIONS = {f"prefill_{PROMPT_LEN}", "decode"}
@@ -184,16 +185,6 @@ def test_export_coreml_writes_only_the_package_and_leaves_the_model_as_it_was(mo
     assert set(summarize_mlpackage(package)["functions"]) == FUNCTIONS
     assert [model.layers[i].self_attn.kv_cache for i in model.config.cache_owning_layers] == own_caches
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
-
-
-def coreml_can_predict() -> bool:
-    if sys.platform != "darwin":
-        return False
-    try:
-        import coremltools.libcoremlpython  # noqa: F401  (the Core ML runtime binding, built on macOS only)
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(

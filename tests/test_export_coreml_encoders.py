@@ -34,7 +34,7 @@ from exporters.encoders import AudioEmbedder, VisionEmbedder, golden_media
 from exporters.spec import ExportSpec
 from models.default import default_gemma3n
 from models.errors import InputError
-from runtime_py.executors.coreml_executor import CoreMLEncoders
+from runtime_py.executors.coreml_executor import CoreMLEncoders, coreml_can_predict
 from runtime_py.executors.encoders import TorchEncoders
 
 SPEC = ExportSpec(target="coreml", components=("decoder", "vision", "audio"), image_sizes=(256,), cache_len=64,
@@ -257,16 +257,6 @@ def test_coreml_encoders_say_they_need_macos(float_dir):
     encoders = CoreMLEncoders(float_dir, manifest(SPEC), threads=2)
     with pytest.raises(InputError, match="needs macOS"):
         encoders.image(np.zeros((1, 3, 256, 256), np.float32))
-
-
-def coreml_can_predict() -> bool:
-    if sys.platform != "darwin":
-        return False
-    try:
-        import coremltools.libcoremlpython  # noqa: F401  (the Core ML runtime binding, built on macOS only)
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(

@@ -7,7 +7,6 @@ minutes per 8-layer model on 2 shared cores, stays within the test budget.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,21 +15,14 @@ import torch
 from exporters.executorch import PLE_TAG, PTE_NAME, export_decoder, export_executorch, quantize_decoder_
 from exporters.ple import write_ple_asset
 from exporters.spec import ExportSpec
-from models.config import GLOBAL, SLIDING, TINY
+from models.config import TINY_4_LAYERS
 from models.default import randomise_
 from models.errors import InputError
 from models.generate import prefill_and_decode
 from models.text import TextDecoder
 from runtime_py.ple import PleTable
 
-SMALL = replace(
-    TINY,
-    num_layers=4,
-    layer_types=(SLIDING, GLOBAL, SLIDING, GLOBAL),
-    num_kv_shared_layers=2,
-    ffn_widths=(128,) * 4,
-    activation_sparsity=(0.95, 0.0, 0.0, 0.0),
-)
+SMALL = TINY_4_LAYERS
 CACHE_LEN, PROMPT_LEN, STEPS = 32, 8, 8
 
 

@@ -9,6 +9,8 @@ scheme at 256 px; the 768 px numbers and the several-size checks are in the lead
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +31,7 @@ from exporters.executorch import (
     swap_norms_,
     vision_method,
 )
-from exporters.spec import ExportSpec
+from exporters.spec import ENCODER_QUANT_SCHEMES, ExportSpec
 from models.default import default_gemma3n, default_model, randomise_
 from models.errors import InputError
 from models.generate import prefill_and_decode
@@ -244,3 +246,41 @@ def test_8da8w_encoders(whole, golden, tmp_path):
     float_bytes = 4 * sum(p.numel() for m in (whole.vision_tower, whole.embed_vision, whole.audio_tower,
                                               whole.embed_audio) for p in m.parameters())
     assert pte.stat().st_size < 0.35 * float_bytes
+
+
+# --- measurements for the report --------------------------------------------------------------------------------------
+
+
+def measure(out: Path, sizes: tuple[int, ...] = (768, 256)) -> None:
+    """Prints max abs error and cosine against the float torch encoders on golden_media(), per size and scheme
+    (each scheme's encoders lowered alone, as export_executorch lowers them), with the .pte sizes and lowering
+    times."""
+    import time
+
+    model = default_gemma3n()
+    media = golden_media(model, sizes)
+    out.mkdir(parents=True, exist_ok=True)
+    for scheme in ENCODER_QUANT_SCHEMES["executorch"]:
+        spec = ExportSpec("executorch", components=("decoder", "vision", "audio"), image_sizes=sizes,
+                          encoder_quant=scheme)
+        t0 = time.perf_counter()
+        pte = out / f"encoders-{scheme}.pte"
+        pte.write_bytes(lower(encoder_programs(model, spec), {}).buffer)
+        seconds = time.perf_counter() - t0
+        program = load_program(pte, None)
+        for size in sizes:
+            image = program.load_method(vision_method(size)).execute([media[f"pixel_values_{size}"]])[0]
+            ref = media[f"image_embeddings_{size}"]
+            print(f"{scheme:17s} vision {size:3d}px  max abs {max_abs(image, ref):.3g}  cosine {cosine(image, ref):.6f}")
+        audio = program.load_method(AUDIO_METHOD).execute([media["audio_features"], media["audio_padding_mask"]])[0]
+        ref = media["audio_embeddings"]
+        print(f"{scheme:17s} audio        max abs {max_abs(audio, ref):.3g}  cosine {cosine(audio, ref):.6f}")
+        print(f"   {pte.name}: {pte.stat().st_size / 1e6:.2f} MB, exported and lowered in {seconds:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tmp))

@@ -209,11 +209,12 @@ def _cli_error(capsys, *argv, runtime_logs=False):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("backend", ["torch", "executorch"])
-def test_bad_media_through_the_cli(multimodal_bundles, backend, tmp_path, capsys):
-    bundle = multimodal_bundles / "executorch"
+@pytest.mark.parametrize("target, backend", [("executorch", "torch"), ("executorch", "executorch"),
+                                             ("android", "litertlm")])
+def test_bad_media_through_the_cli(multimodal_bundles, target, backend, tmp_path, capsys):
+    bundle = multimodal_bundles / target
     run = ("generate", "--bundle", bundle, "--backend", backend)
-    logs = backend == "executorch"
+    logs = backend != "torch"
     line = _cli_error(capsys, *run, "--image", tmp_path / "missing.png", PROMPT, runtime_logs=logs)
     assert "missing.png: image file not found" in line
     corrupt = tmp_path / "corrupt.wav"
@@ -221,7 +222,7 @@ def test_bad_media_through_the_cli(multimodal_bundles, backend, tmp_path, capsys
     line = _cli_error(capsys, *run, "--audio", corrupt, PROMPT, runtime_logs=logs)
     assert "corrupt.wav: cannot read as WAV/FLAC audio" in line
     line = _cli_error(capsys, *run, "--image", SAMPLE_IMAGE, "--image-size", 768, PROMPT, runtime_logs=logs)
-    assert "--image-size 768: the vision encoder takes 256 px" in line
+    assert "--image-size 768: " in line and "256 px" in line
 
 
 @pytest.mark.parametrize("target, backend", [("executorch", "executorch"), ("android", "litertlm")])

@@ -15,6 +15,17 @@ from models.errors import InputError
 from runtime_py.executors.encoders import check_image_size
 
 
+def coreml_can_predict() -> bool:
+    """True where coremltools can load and run packages: macOS with its native runtime binding."""
+    if sys.platform != "darwin":
+        return False
+    try:
+        import coremltools.libcoremlpython  # noqa: F401  (the Core ML runtime binding, built on macOS only)
+    except ImportError:
+        return False
+    return True
+
+
 class CoreMLExecutor:
     name = "coreml"
 

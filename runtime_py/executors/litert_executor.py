@@ -316,21 +316,23 @@ class LitertLmSession:
                 items.append(item)
                 continue
             value = item[kind]
-            if isinstance(value, (str, os.PathLike)):
-                path = Path(value)
-                if not path.is_file():
-                    raise InputError(f"{path}: no such {kind} file")
-                items.append({"type": kind, "path": str(path.resolve())})
-                continue
             buffer = io.BytesIO()
+            # Decoded by our loaders first, whatever the source: a missing or corrupt file gets the same one-line
+            # error as on every other backend (the engine's own decoders fail with an internal error), and the
+            # engine reads the pixels and samples the other backends read (EXIF rotation, alpha on white, mono
+            # 16 kHz).
             if kind == "image":
                 from PIL import Image
 
-                image = value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value, np.uint8))
-                image.save(buffer, format="PNG")
+                from models.vision import _rgb_uint8
+
+                rgb = _rgb_uint8(value, str(value) if isinstance(value, (str, os.PathLike)) else "image")
+                Image.fromarray(rgb.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
             else:
                 import soundfile
 
-                soundfile.write(buffer, np.asarray(value, np.float32), 16_000, format="WAV")
+                from models.audio import load_audio
+
+                soundfile.write(buffer, load_audio(value), 16_000, format="WAV")  # PCM 16: what the engine surely reads
             items.append({"type": kind, "blob": base64.b64encode(buffer.getvalue()).decode()})
         return {**message, "content": items}
