@@ -204,6 +204,8 @@ def bench_vision(model, sizes, backends, repeats, threads, work: Path, log, fail
             rows.append({"encoder": "vision", "backend": backend, "timed": timed, "size": size, "seconds": s,
                          "images_per_s": 1.0 / s, "speedup_vs_reference": ref / s,
                          "cosine_vs_torch": cosines[(backend, timed)]})
+            log(f"vision {size} px, {backend} ({timed}): {1.0 / s:.3g} images/s, {ref / s:.2f}x, "
+                f"cosine {cosines[(backend, timed)]:.6f}")
     return rows
 
 
@@ -227,6 +229,8 @@ def bench_audio(model, backends, repeats, threads, work: Path, log, failures: li
     seconds, outputs = interleaved(fns, repeats)
     cosines = {key: _cosine(expected[key[1]], out) for key, out in outputs.items()}
     ref = seconds[("transformers eager", "encoder")]
+    for (backend, timed), s in seconds.items():
+        log(f"audio, {backend} ({timed}): {s:.3g} s per 30 s window, {ref / s:.2f}x, cosine {cosines[(backend, timed)]:.6f}")
     return [{"encoder": "audio", "backend": backend, "timed": timed, "window_s": WINDOW_S, "seconds": s,
              "real_time_factor": s / WINDOW_S, "speedup_vs_reference": ref / s, "cosine_vs_torch": cosines[(backend, timed)]}
             for (backend, timed), s in seconds.items()]

@@ -54,11 +54,12 @@ QUANT_LEVELS = {
     "int4": {"litert": "int4-blockwise", "executorch": "8da4w", "coreml": "int4-per-block"},
 }
 # The encoders take int8 weights at most (MobileNet-V5 is a convnet): every level above none gives them the
-# target's int8 scheme (exporters.spec.ENCODER_QUANT_SCHEMES).
+# target's int8 scheme (exporters.spec.ENCODER_QUANT_SCHEMES). ExecuTorch: 8da8w, which XNNPACK runs; its
+# int8-weight-only convolutions fall back to the portable kernel.
 ENCODER_QUANT_LEVELS = {
     "none": {"litert": "none", "executorch": "none", "coreml": "none"},
-    "int8": {"litert": "int8-weight-only", "executorch": "int8-weight-only", "coreml": "int8-per-channel"},
-    "int4": {"litert": "int8-weight-only", "executorch": "int8-weight-only", "coreml": "int8-per-channel"},
+    "int8": {"litert": "int8-weight-only", "executorch": "8da8w", "coreml": "int8-per-channel"},
+    "int4": {"litert": "int8-weight-only", "executorch": "8da8w", "coreml": "int8-per-channel"},
 }
 TEXT_CACHE_LEN = 256
 # A prompt with one image (258 tokens and the newlines around them) and one 30 s audio window (190) needs ~460

@@ -213,8 +213,8 @@ def test_decoder_shares_its_cache_beside_the_encoders(float_bundle, golden):
 
 @pytest.mark.heavy
 def test_8da8w_encoders(whole, golden, tmp_path):
-    """The bundle's int8 scheme: int8 per-channel weights and dynamically quantized activations for every Linear and
-    2-D convolution but the depthwise ones, run by XNNPACK."""
+    """The bundles' int8 scheme (exporters.bundle.ENCODER_QUANT_LEVELS): int8 per-channel weights and dynamically
+    quantized activations for every Linear and 2-D convolution but the depthwise ones, run by XNNPACK."""
     spec = ExportSpec("executorch", components=("decoder", "vision", "audio"), image_sizes=(SIZE,),
                       encoder_quant="8da8w")
     programs = encoder_programs(whole, spec)
@@ -251,7 +251,7 @@ def test_8da8w_encoders(whole, golden, tmp_path):
 # --- measurements for the report --------------------------------------------------------------------------------------
 
 
-def measure(out: Path, sizes: tuple[int, ...] = (768, 256)) -> None:
+def measure(out: Path, sizes: tuple[int, ...] = (768, 256), schemes=tuple(ENCODER_QUANT_SCHEMES["executorch"])) -> None:
     """Prints max abs error and cosine against the float torch encoders on golden_media(), per size and scheme
     (each scheme's encoders lowered alone, as export_executorch lowers them), with the .pte sizes and lowering
     times."""
@@ -260,7 +260,7 @@ def measure(out: Path, sizes: tuple[int, ...] = (768, 256)) -> None:
     model = default_gemma3n()
     media = golden_media(model, sizes)
     out.mkdir(parents=True, exist_ok=True)
-    for scheme in ENCODER_QUANT_SCHEMES["executorch"]:
+    for scheme in schemes:
         spec = ExportSpec("executorch", components=("decoder", "vision", "audio"), image_sizes=sizes,
                           encoder_quant=scheme)
         t0 = time.perf_counter()
@@ -271,10 +271,12 @@ def measure(out: Path, sizes: tuple[int, ...] = (768, 256)) -> None:
         for size in sizes:
             image = program.load_method(vision_method(size)).execute([media[f"pixel_values_{size}"]])[0]
             ref = media[f"image_embeddings_{size}"]
-            print(f"{scheme:17s} vision {size:3d}px  max abs {max_abs(image, ref):.3g}  cosine {cosine(image, ref):.6f}")
+            print(f"{scheme:17s} vision {size:3d}px  max abs {max_abs(image, ref):.3g}  mean abs "
+                  f"{(image - ref).abs().mean():.3g}  cosine {cosine(image, ref):.6f}")
         audio = program.load_method(AUDIO_METHOD).execute([media["audio_features"], media["audio_padding_mask"]])[0]
         ref = media["audio_embeddings"]
-        print(f"{scheme:17s} audio        max abs {max_abs(audio, ref):.3g}  cosine {cosine(audio, ref):.6f}")
+        print(f"{scheme:17s} audio        max abs {max_abs(audio, ref):.3g}  mean abs {(audio - ref).abs().mean():.3g}  "
+              f"cosine {cosine(audio, ref):.6f}")
         print(f"   {pte.name}: {pte.stat().st_size / 1e6:.2f} MB, exported and lowered in {seconds:.0f} s", flush=True)
 
 
@@ -282,5 +284,7 @@ if __name__ == "__main__":
     import sys
     import tempfile
 
+    # python tests/test_export_executorch_encoders.py [DIR [SCHEME,SCHEME...]]
     with tempfile.TemporaryDirectory() as tmp:
-        measure(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tmp))
+        measure(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tmp),
+                schemes=sys.argv[2].split(",") if len(sys.argv) > 2 else tuple(ENCODER_QUANT_SCHEMES["executorch"]))
