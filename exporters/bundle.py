@@ -37,7 +37,7 @@ from models.accounting import count_checkpoint, count_config
 from models.checkpoint import save_pretrained
 from models.errors import InputError
 from models.fileio import atomic_directory
-from models.generate import prefill_and_decode
+from models.generate import prefill_and_decode, prefill_and_decode_embeddings
 from models.multimodal import Gemma3n
 from models.text import TextDecoder
 from runtime_py.components.chat_template import JINJA, render
@@ -70,10 +70,19 @@ GOLDEN_PROMPT = "Write a short story about a robot who learns to cook."
 GOLDEN_STEPS = 8
 
 
-def golden_vectors(model: TextDecoder, tokenizer: Tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    ids = [model.config.bos_token_id] + tokenizer.encode(render([{"role": "user", "content": GOLDEN_PROMPT}]))
-    prompt = torch.tensor([ids])
-    prefill, steps, tokens = prefill_and_decode(model, prompt, GOLDEN_STEPS, cache_len=len(ids) + GOLDEN_STEPS)
+def golden_vectors(model: TextDecoder | Gemma3n, tokenizer: Tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    lm = model.language_model if isinstance(model, Gemma3n) else model
+    ids = [lm.config.bos_token_id] + tokenizer.encode(render([{"role": "user", "content": GOLDEN_PROMPT}]))
+    prompt, cache_len = torch.tensor([ids]), len(ids) + GOLDEN_STEPS
+    if isinstance(model, Gemma3n):
+        # A whole model embeds the ids of its media vocabularies with its embedders in text prompts too, as
+        # transformers' Gemma3nForConditionalGeneration and the .litertlm's embedder (so Google's engine) do.
+        with torch.no_grad():
+            embeds, rows = model.embed_prompt(prompt)
+        prefill, steps, tokens = prefill_and_decode_embeddings(lm, embeds, rows, GOLDEN_STEPS, cache_len,
+                                                               embed=model.embed_prompt)
+    else:
+        prefill, steps, tokens = prefill_and_decode(lm, prompt, GOLDEN_STEPS, cache_len=cache_len)
     tensors = {
         "prompt_ids": prompt[0],
         "prefill_logits": prefill[0, -1].contiguous(),
@@ -205,7 +214,7 @@ def build_bundles(
                                 image_sizes=tuple(image_sizes),
                                 encoder_quant=ENCODER_QUANT_LEVELS[quant][TARGETS[target]] if whole else "none")
              for target in targets}
-    golden, golden_tensors = golden_vectors(decoder, tokenizer)
+    golden, golden_tensors = golden_vectors(whole if whole is not None else decoder, tokenizer)
     media_tensors = golden_media(whole, tuple(image_sizes)) if whole is not None else None
     cfg = decoder.config
     with atomic_directory(out) as tmp:

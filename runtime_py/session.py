@@ -1,11 +1,11 @@
 """A session: prompt (text, and images and audio for a whole Gemma 3n) -> tokens, the same on every backend.
 
-Every prompt position is embedded before the prefill. A prompt with images or audio runs the whole model, as
-transformers' Gemma3nForConditionalGeneration and Gemma3n.embed_prompt do: text ids take the executor's token table,
-ids of the vision and audio vocabularies the embedders' hard-token rows (in the prompt and when generated), and the
-soft-token positions of each media span the encoders' outputs, in span order. A prompt without media runs the text
-decoder alone (every id from the token table), exactly as a text-only bundle, the golden vectors and Google's
-LiteRT-LM engine do; the two differ only for media ids outside media spans. Per-layer (PLE) rows are looked up by
+Every prompt position is embedded before the prefill. A whole model (a bundle with encoders) embeds as transformers'
+Gemma3nForConditionalGeneration and Gemma3n.embed_prompt do, with or without media: text ids take the executor's
+token table, ids of the vision and audio vocabularies the embedders' hard-token rows (in the prompt and when
+generated), and the soft-token positions of each media span the encoders' outputs, in span order; the golden vectors
+of its bundles and Google's engine on its .litertlm embed the same way. A text-only model takes every id from the
+token table. Per-layer (PLE) rows are looked up by
 id, ids beyond the PLE table reading row 0.
 
 Prefill runs the embedded prompt through fixed-length prefill graphs: full chunks in order, then, if a remainder is
@@ -117,16 +117,16 @@ class Session:
                              "with a larger --cache-len")
         return media
 
-    def embed_ids(self, ids: list[int], whole_model: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def embed_ids(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """ids [T] -> (embeddings [1, T, H], per-layer rows [1, T, L, P]), looked up in chunks of at most the longest
-        prefill length (the most an exported lookup takes). whole_model: media ids take the embedders' rows."""
+        prefill length (the most an exported lookup takes). A whole model's media ids take the embedders' rows."""
         arr = np.asarray(ids, dtype=np.int64)
         step = max(self.executor.prefill_lengths)
         ple_ids = arr if self.ple_vocab_size is None else np.where(arr < self.ple_vocab_size, arr, 0)
         chunks = range(0, len(arr), step)
         embeds = np.concatenate([self.executor.embed(arr[i : i + step]) for i in chunks], axis=1)
         rows = np.concatenate([self.per_layer_rows(ple_ids[i : i + step]) for i in chunks], axis=0)[None]
-        if whole_model:
+        if self.media_rows is not None:
             embeds = self.media_rows.apply(arr, embeds)
         return embeds, rows
 
@@ -142,7 +142,7 @@ class Session:
     def embed_media_prompt(self, media: MediaPrompt, soft: dict[int, np.ndarray] | None = None):
         """(embeddings [1, T, H] with the encoders' outputs at the soft-token positions, per-layer rows)."""
         soft = self.encode_media(media) if soft is None else soft
-        embeds, rows = self.embed_ids(media.ids, whole_model=True)
+        embeds, rows = self.embed_ids(media.ids)
         ids = np.asarray(media.ids)
         for token, values in soft.items():
             embeds[0, ids == token] = values.astype(embeds.dtype)
@@ -217,7 +217,7 @@ class Session:
                 self.notice = (f"stopped: the KV cache is full ({self.executor.cache_len} positions); "
                                "build the bundle with a larger --cache-len for longer generations")
                 break
-            logits = self.executor.decode(*self.embed_ids([token], whole_model=media is not None), pos)
+            logits = self.executor.decode(*self.embed_ids([token]), pos)
             pos += 1
         self.timing.decode_s = time.perf_counter() - t1
 

@@ -132,7 +132,7 @@ def test_media_ids_embed_as_the_embedders_do(model, session):
     rounding apart."""
     t = model.config.tokens
     ids = [t.boi, t.eoi, t.image, t.eoa, t.audio, 17]
-    embeds, rows = session.embed_ids(ids, whole_model=True)
+    embeds, rows = session.embed_ids(ids)
     with torch.no_grad():
         expected, expected_rows = model.embed_prompt(torch.tensor([ids]), model.embed_vision.embed_ids(
             torch.tensor([[t.image]])), model.embed_audio.embed_ids(torch.tensor([[t.audio]])))
@@ -140,13 +140,22 @@ def test_media_ids_embed_as_the_embedders_do(model, session):
     np.testing.assert_array_equal(rows, expected_rows.numpy())
 
 
-def test_text_prompts_run_the_text_decoder_alone(model, session):
-    """Without media a whole model's session gives the text decoder's tokens (as text-only bundles, the golden vectors
-    and LiteRT-LM's engine do), although the tiny tokenizer's pieces overlap the tiny model's media ids."""
+def test_text_prompts_embed_as_the_whole_model(model, session):
+    """Without media a whole model's session still embeds media-vocabulary ids with the embedders, as transformers'
+    whole model, the bundles' golden vectors and Google's engine on the .litertlm do. The tiny tokenizer's pieces
+    overlap the tiny model's media ids, so the text decoder alone gives other tokens."""
     session.stop_ids = []
+    ids = session.prompt_ids(PROMPT)
+    assert any(i >= model.config.tokens.boi for i in ids)  # media ids (318..383) among the text pieces
+    got = list(session.generate_ids(PROMPT, 8))
+    with torch.no_grad():
+        embeds, rows = model.embed_prompt(torch.tensor([ids]))
+        _, _, expected = prefill_and_decode_embeddings(model.language_model, embeds, rows, 7, CACHE_LEN,
+                                                       embed=model.embed_prompt)
+    assert got == expected
     text_only = session_for_model(model.language_model, cache_len=CACHE_LEN, prefill_lengths=PREFILL)
     text_only.stop_ids = []
-    assert list(session.generate_ids(PROMPT, 8)) == list(text_only.generate_ids(PROMPT, 8))
+    assert list(text_only.generate_ids(PROMPT, 8)) != got
 
 
 def test_bad_media_is_one_input_error(session):
