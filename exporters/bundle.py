@@ -8,8 +8,9 @@
     out/reference/    the float checkpoint (Hugging Face layout) and tokenizer: what the torch backend runs and every
                       target is compared with; not meant for apps
 
-Every target folder also holds golden.safetensors (a fixed chat prompt's token ids, the float text decoder's prefill
-and decode logits and greedy tokens) for checks on devices. Nothing time- or path-dependent goes into a bundle, so the
+Every target folder also holds golden.safetensors (a fixed chat prompt's token ids, the float model's prefill and
+decode logits and greedy tokens; a whole model embeds its media-vocabulary ids with its embedders, as its runtimes
+do) for checks on devices. Nothing time- or path-dependent goes into a bundle, so the
 same inputs build byte-identical bundles and zips.
 
 A whole Gemma 3n (the default model, or a Gemma3nForConditionalGeneration checkpoint) also brings its vision and audio
