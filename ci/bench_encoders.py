@@ -14,9 +14,9 @@ What is timed, per call (batch 1):
     timm eager          timm's forward_features (what transformers' vision tower runs): the tower alone
     transformers eager  Gemma3nAudioEncoder on one 30 s window of log-mel features: the encoder alone
     torch eager         our encoder alone (models.vision.MobileNetV5 / models.audio.AudioEncoder): like for like with
-                        the references; and our whole embedder (exporters.encoders.VisionEmbedder / AudioEmbedder:
+                        the references; and our whole embedder (models.encoders.VisionEmbedder / AudioEmbedder:
                         the encoder plus the adapter into the text width), which is what every exported backend runs
-    litert, executorch  the exported embedder run by the runtime's encoder runner (runtime_py.executors.encoders),
+    litert, executorch  the exported embedder run by the runtime's encoder runner (runtime_py.executors.{litert,executorch}_executor),
                         float weights
 Speed-up = the reference's time / the backend's time on the same input (> 1: faster). An exported backend's ratio
 includes its adapter, which the reference does not run: the torch rows show what the adapter costs. The audio
@@ -55,7 +55,8 @@ def bench_model(tiny: bool, seed: int = 0):
     with embedders into E2B's width (2048) beside a toy text decoder of that width."""
     from models.audio import AudioConfig
     from models.config import TINY
-    from models.default import default_gemma3n, randomise_
+    from models.default import default_gemma3n
+    from models.random_init import randomise_
     from models.hf_reference import media_token_ids
     from models.multimodal import EmbedderConfig, Gemma3n, Gemma3nConfig, MediaTokens
     from models.vision import VisionConfig
@@ -105,18 +106,26 @@ def exported_runner(backend: str, model, components: tuple[str, ...], sizes: tup
     from exporters import export
     from exporters.spec import ExportSpec
     from runtime_py.engine import DEFAULT_TOKENIZER
-    from runtime_py.executors.encoders import load_encoders
 
     spec = ExportSpec(target=backend, cache_len=64, prefill_lengths=(16,), components=("decoder", *components),
                       image_sizes=tuple(sizes))
     t = time.perf_counter()
     export(model, spec, folder, **({"tokenizer_path": DEFAULT_TOKENIZER} if backend == "litert" else {}))
     seconds = time.perf_counter() - t
-    # What the runners read of a bundle's manifest: the export spec, the files, the encoders' sizes.
-    exported = json.loads((folder / "export.json").read_text())
-    manifest = {"export_spec": exported["spec"], "files": [{"path": f} for f in exported["files"]],
-                "encoders": {"components": list(components), "image_sizes": list(sizes)}}
-    return load_encoders(backend, folder, manifest, threads), seconds
+    return encoder_runner(backend, folder, spec, threads), seconds
+
+
+def encoder_runner(backend: str, folder: Path, spec, threads: int):
+    """The runtime's encoder runner over an export folder (a bundle's target folder without the manifest)."""
+    from contract.bundle import LITERTLM_FILE, PTD_FILE, PTE_FILE
+
+    if backend == "litert":
+        from runtime_py.executors.litert_executor import LiteRtEncoders
+
+        return LiteRtEncoders(folder / LITERTLM_FILE, spec.components, threads)
+    from runtime_py.executors.executorch_executor import ExecuTorchEncoders
+
+    return ExecuTorchEncoders(folder / PTE_FILE, folder / PTD_FILE, spec.components, spec.image_sizes)
 
 
 def open_exported(encoder: str, backends, model, sizes, work: Path, threads: int, log, failures: list) -> dict:
@@ -174,7 +183,7 @@ def _cosine(a, b) -> float:
 
 @torch.no_grad()
 def bench_vision(model, sizes, backends, repeats, threads, work: Path, log, failures: list) -> list[dict]:
-    from exporters.encoders import VisionEmbedder, VisionEncoder
+    from models.encoders import VisionEmbedder, VisionEncoder
 
     reference, embedder, encoder = timm_tower(model), VisionEmbedder(model).eval(), VisionEncoder(model).eval()
     runners = open_exported("vision", backends, model, sizes, work, threads, log, failures)
@@ -211,7 +220,7 @@ def bench_vision(model, sizes, backends, repeats, threads, work: Path, log, fail
 
 @torch.no_grad()
 def bench_audio(model, backends, repeats, threads, work: Path, log, failures: list) -> list[dict]:
-    from exporters.encoders import AudioEmbedder, audio_window_inputs
+    from models.encoders import AudioEmbedder, audio_window_inputs
 
     reference, embedder = transformers_audio_encoder(model), AudioEmbedder(model).eval()
     runners = open_exported("audio", backends, model, (768,), work, threads, log, failures)

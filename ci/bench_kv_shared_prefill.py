@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.config import E2B  # noqa: E402
-from models.default import randomise_  # noqa: E402
+from models.random_init import randomise_  # noqa: E402
 from models.text import TextDecoder  # noqa: E402
 
 E2B_SHAPED = replace(

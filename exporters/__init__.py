@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from exporters.provenance import shared_provenance
 from exporters.spec import ExportSpec
 from models.fileio import atomic_directory
 from models.multimodal import Gemma3n
@@ -34,12 +35,12 @@ def _target_fn(target: str):
 def export(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | Path, **target_kwargs) -> Path:
     """model: a TextDecoder, or a whole Gemma3n when spec.components holds encoders (each target function takes
     either, and lowers the encoders next to the decoder)."""
-    from exporters.encoders import split_model
+    from exporters.spec import split_model
     from exporters.ple import write_ple_asset
 
     decoder, _ = split_model(model, spec)
 
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp, shared_provenance():
         if spec.target == "executorch":  # it writes a folder of its own: move its files up
             _target_fn(spec.target)(model, spec, tmp / "executorch", **target_kwargs)
             for file in (tmp / "executorch").iterdir():

@@ -13,7 +13,7 @@ RoPE are computed in-graph from input_pos, so there is no mask input. The KV cac
 Neither table lookup is in the package: an app reads the PLE rows from the safetensors asset (exporters.ple) and the
 token embeddings from its own copy of the table; the tied LM head keeps its weight inside the graph.
 
-The encoders (exporters.encoders: each the tower and its embedder into the text width, as one graph), fp16 compute,
+The encoders (models.encoders: each the tower and its embedder into the text width, as one graph), fp16 compute,
 float32 inputs and outputs (the outputs are rows of the decoder's float32 inputs_embeds):
 
   vision_encoder.mlpackage  vision_encoder_<S>(pixel_values [1,3,S,S]) -> image_embeddings [1,256,H]
@@ -43,22 +43,22 @@ import torch
 from coremltools.converters.mil.frontend.milproto.load import load as load_mil_program
 from torch import Tensor, nn
 
-from exporters.encoders import (
+from contract.bundle import AUDIO_ENCODER as AUDIO_FUNCTION
+from contract.bundle import AUDIO_PACKAGE, DECODE, VISION_PACKAGE
+from contract.bundle import COREML_PACKAGE as PACKAGE_NAME
+from contract.bundle import prefill_name as prefill_function_name
+from contract.bundle import vision_encoder_name as vision_function_name
+from models.encoders import (
     AudioEmbedder,
     VisionEmbedder,
     audio_sample_inputs,
     golden_media,
-    split_model,
     vision_sample_inputs,
 )
-from exporters.spec import ExportSpec
+from exporters.spec import ExportSpec, split_model
 from models.multimodal import Gemma3n
 from models.text import KVCache, TextDecoder
 
-PACKAGE_NAME = "model.mlpackage"
-DECODE = "decode"
-VISION_PACKAGE, AUDIO_PACKAGE = "vision_encoder.mlpackage", "audio_encoder.mlpackage"
-AUDIO_FUNCTION = "audio_encoder"
 # The encoders quantize the weights of convolutions and linear layers only (coremltools lowers the vision embedder's
 # projection to a matmul). Other large constants are activations folded at conversion (the audio adapter's padding
 # row broadcast to [1, 188, H]): rounded per tensor they would cost every padded position accuracy for a few kB.
@@ -67,14 +67,6 @@ WEIGHTS_DIR = Path("Data", "com.apple.CoreML", "weights")
 # Only weights of more than this many elements are compressed; the rest (norm scales, AltUp coefficients, small
 # projections) stay fp16, since compressing them saves almost nothing. coremltools' own default.
 MIN_QUANTIZED_ELEMENTS = 2048
-
-
-def prefill_function_name(length: int) -> str:
-    return f"prefill_{length}"
-
-
-def vision_function_name(size: int) -> str:
-    return f"vision_encoder_{size}"
 
 
 class SliceWriteKVCache(KVCache):

@@ -17,7 +17,7 @@ alone, and that one constant is written to `per_layer_embeddings.ptd`, which the
 The runner's own decoder loop (`forward(tokens, pos)`) cannot drive Gemma 3n, whose decoder needs the per-layer rows
 as a second input; an app calls the embedders, then prefill_<T> / decode.
 
-A whole Gemma3n model adds its encoders (exporters.encoders, each the encoder and its adapter as one graph), named as
+A whole Gemma3n model adds its encoders (models.encoders, each the encoder and its adapter as one graph), named as
 the MultimodalRunner names them (vision_encoder, audio_encoder):
 
   vision_encoder_<S>(pixel_values [1,3,S,S] f32 in [0,1]) -> image_embeddings [1,256,H]   for each S of image_sizes
@@ -41,18 +41,26 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
-from exporters.encoders import AudioEmbedder, VisionEmbedder, audio_sample_inputs, split_model, vision_sample_inputs
+from contract.bundle import (
+    AUDIO_ENCODER,
+    DECODE,
+    PER_LAYER_EMBEDDING,
+    PLE_PTD_TAG,
+    PTE_FILE,
+    TOKEN_EMBEDDING,
+    VISION_ENCODER,
+    prefill_name,
+    vision_encoder_name,
+)
+from models.encoders import AudioEmbedder, VisionEmbedder, audio_sample_inputs, vision_sample_inputs
 from exporters.ple import quantize_rows_int8
-from exporters.spec import ExportSpec
+from exporters.spec import ExportSpec, split_model
 from models.errors import InputError
 from models.fileio import atomic_directory
 from models.multimodal import Gemma3n
 from models.text import RMSNorm, TextDecoder, in_dtype
 from models.vision import Conv2dSame, RMSNorm2d, same_padding
 
-PTE_NAME = "model.pte"
-VISION_METHOD, AUDIO_METHOD = "vision_encoder", "audio_encoder"  # extension/llm/runner/constants.h
-PLE_TAG = "per_layer_embeddings"  # the .ptd file name, without its suffix
 _PLE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -163,7 +171,7 @@ class TokenEmbedder(nn.Module):
 
 class PerLayerEmbedder(nn.Module):
     """token ids [1, T] -> per-layer rows [1, T, L, P] from the PLE table stored as `storage`: int8 rows with per-row
-    scales, or fp16/bf16/fp32 -- the same numbers that runtime_py.ple.PleTable reads from the safetensors asset."""
+    scales, or fp16/bf16/fp32 -- the same numbers that contract.ple.PleTable reads from the safetensors asset."""
 
     def __init__(self, model: TextDecoder, storage: str):
         super().__init__()
@@ -188,7 +196,7 @@ class PerLayerEmbedder(nn.Module):
 
 def is_ple_constant(node: torch.fx.Node) -> str | None:
     """external_constants tag: the PLE table (rows and scales) goes to the .ptd, everything else stays in the .pte."""
-    return PLE_TAG if "ple_row" in node.name else None
+    return PLE_PTD_TAG if "ple_row" in node.name else None
 
 
 def gelu_tanh(x: Tensor, approximate: str = "none") -> Tensor:
@@ -316,7 +324,7 @@ def _quantize_8da8w(program: torch.export.ExportedProgram, args: tuple) -> torch
 
 
 def encoder_program(embedder: nn.Module, args: tuple, recipe: str) -> torch.export.ExportedProgram:
-    """One encoder (exporters.encoders' VisionEmbedder or AudioEmbedder) exported for XNNPACK, its weights quantized
+    """One encoder (models.encoders' VisionEmbedder or AudioEmbedder) exported for XNNPACK, its weights quantized
     by `recipe` (spec.encoder_recipe: "", "int8wo" or "8da8w"). The caller's model is left as it is."""
     embedder = sharing_copy(embedder).eval()
     swap_norms_(embedder)
@@ -348,8 +356,8 @@ def decoder_programs(model: TextDecoder, spec: ExportSpec) -> dict[str, torch.ex
         return ep.run_decompositions({torch.ops.aten.gelu.default: gelu_tanh})
 
     with torch.no_grad():
-        programs = {f"prefill_{T}": export(T, spec.kv_shared_prefill) for T in spec.prefill_lengths}
-        programs["decode"] = export(1, True)
+        programs = {prefill_name(T): export(T, spec.kv_shared_prefill) for T in spec.prefill_lengths}
+        programs[DECODE] = export(1, True)
     return programs
 
 
@@ -359,8 +367,8 @@ def embedder_programs(model: TextDecoder, spec: ExportSpec) -> dict[str, torch.e
     ids = torch.zeros(1, longest, dtype=torch.long)
     dynamic = ({1: torch.export.Dim("tokens", min=1, max=longest)},) if longest > 1 else None
     embedders = {
-        "token_embedding": TokenEmbedder(model),
-        "per_layer_embedding": PerLayerEmbedder(model, spec.ple_storage),
+        TOKEN_EMBEDDING: TokenEmbedder(model),
+        PER_LAYER_EMBEDDING: PerLayerEmbedder(model, spec.ple_storage),
     }
     with torch.no_grad():
         return {name: torch.export.export(m, (ids,), dynamic_shapes=dynamic) for name, m in embedders.items()}
@@ -372,15 +380,11 @@ def encoder_programs(model: Gemma3n, spec: ExportSpec) -> dict[str, torch.export
     if "vision" in spec.encoders:
         vision = VisionEmbedder(model).eval()
         for size in spec.image_sizes:
-            programs[vision_method(size)] = encoder_program(vision, vision_sample_inputs(size), spec.encoder_recipe)
+            programs[vision_encoder_name(size)] = encoder_program(vision, vision_sample_inputs(size), spec.encoder_recipe)
     if "audio" in spec.encoders:
-        programs[AUDIO_METHOD] = encoder_program(AudioEmbedder(model).eval(), audio_sample_inputs(),
+        programs[AUDIO_ENCODER] = encoder_program(AudioEmbedder(model).eval(), audio_sample_inputs(),
                                                  spec.encoder_recipe)
     return programs
-
-
-def vision_method(size: int) -> str:
-    return f"{VISION_METHOD}_{size}"
 
 
 def delegate_friendly_views():
@@ -508,11 +512,11 @@ def export_executorch(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: s
         with console.status(f"exporting the {' and '.join(spec.encoders)} encoders"):
             programs |= encoder_programs(whole.eval(), spec)
         if "vision" in spec.encoders:
-            aliases[VISION_METHOD] = vision_method(spec.image_sizes[0])
+            aliases[VISION_ENCODER] = vision_encoder_name(spec.image_sizes[0])
     with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):
         program = lower(programs, runner_metadata(decoder, spec), aliases)
     with atomic_directory(out_dir) as tmp:
-        with open(tmp / PTE_NAME, "wb") as f:
+        with open(tmp / PTE_FILE, "wb") as f:
             program.write_to_file(f)
         program.write_tensor_data_to_file(str(tmp))
-    return out_dir / PTE_NAME
+    return out_dir / PTE_FILE

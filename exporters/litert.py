@@ -36,7 +36,7 @@ stb_image_preprocessor.cc and embedding_lookup/, and litert-torch's export_hf/mo
   attention, causal light conv), so the 11 extra frames change no token; our runtime pads 2997 -> 3008 with zeros.
 - `audio_adapter.tflite` (audio_adapter): `audio_adapter`, `features [1,188,D]`, `mask [1,188]` bool ->
   `audio_embeddings [1,188,H]`; masked tokens take the embedding of the audio vocabulary's last id, as
-  exporters.encoders.AudioAdapter (the engine reads the valid rows only).
+  models.encoders.AudioAdapter (the engine reads the valid rows only).
 - `end_of_audio.tflite` (end_of_audio): `end_of_audio`, no inputs -> `embeddings [1,1,H]`, the <end_of_audio> row
   the engine writes after an audio clip.
 - The metadata's Gemma3N fields: start/end of image and audio as the tokenizer's pieces for the model's media ids,
@@ -72,8 +72,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exporters.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder, split_model
-from exporters.spec import ExportSpec
+from contract.bundle import DECODE, LITERT_AUDIO_FRAMES, LITERTLM_FILE, prefill_name, vision_signature
+from models.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder
+from exporters.spec import ExportSpec, split_model
 from models.errors import InputError
 from models.multimodal import Gemma3n
 from models.text import TextDecoder
@@ -87,10 +88,7 @@ VISION_ADAPTER_FILE = "vision_adapter.tflite"
 AUDIO_ENCODER_FILE = "audio_encoder.tflite"
 AUDIO_ADAPTER_FILE = "audio_adapter.tflite"
 END_OF_AUDIO_FILE = "end_of_audio.tflite"
-LITERTLM_FILE = "model.litertlm"
 CHAT_STOP_MARKER = "<end_of_turn>"
-# LiteRT-LM's audio executor needs the encoder's frame count to be a multiple of its token count (188 x 16).
-AUDIO_ENCODER_FRAMES = 3008
 
 
 class LiteRtLmDecoder(nn.Module):
@@ -173,9 +171,9 @@ def convert_decoder(model: TextDecoder, spec: ExportSpec, path: Path) -> Path:
     converter = litert_torch.Converter()
     for tokens in spec.prefill_lengths:
         prefill = LiteRtLmDecoder(model, last_position_only=spec.kv_shared_prefill)
-        converter.signature(f"prefill_{tokens}", prefill, sample_kwargs=decoder_sample_inputs(model, tokens, spec.cache_len))
+        converter.signature(prefill_name(tokens), prefill, sample_kwargs=decoder_sample_inputs(model, tokens, spec.cache_len))
     decode = LiteRtLmDecoder(model, last_position_only=False)
-    converter.signature("decode", decode, sample_kwargs=decoder_sample_inputs(model, 1, spec.cache_len))
+    converter.signature(DECODE, decode, sample_kwargs=decoder_sample_inputs(model, 1, spec.cache_len))
     converter.convert().export(str(path))
     return path
 
@@ -191,12 +189,8 @@ def convert_lookup(module: nn.Module, signature: str, path: Path) -> Path:
 # --- the encoders, in LiteRT-LM's layouts (see the module docstring) --------------------------------------------------
 
 
-def vision_signature(size: int) -> str:
-    return f"vision_{size}"
-
-
 class LiteRtLmVisionEncoder(nn.Module):
-    """images [1, S, S, 3] (channels last, in [0, 1]) -> features [1, 256, C]: exporters.encoders.VisionEncoder."""
+    """images [1, S, S, 3] (channels last, in [0, 1]) -> features [1, 256, C]: models.encoders.VisionEncoder."""
 
     def __init__(self, model: Gemma3n):
         super().__init__()
@@ -221,7 +215,7 @@ class LiteRtLmVisionAdapter(nn.Module):
 
 class LiteRtLmAudioEncoder(nn.Module):
     """src_inputs [1, F, 128], mask [1, F] bool (True = valid) -> features [1, N, D], mask [1, N] bool (True = valid):
-    exporters.encoders.AudioEncoder with LiteRT-LM's names and mask polarity."""
+    models.encoders.AudioEncoder with LiteRT-LM's names and mask polarity."""
 
     def __init__(self, model: Gemma3n):
         super().__init__()
@@ -234,7 +228,7 @@ class LiteRtLmAudioEncoder(nn.Module):
 
 class LiteRtLmAudioAdapter(nn.Module):
     """features [1, N, D], mask [1, N] bool (True = valid) -> audio_embeddings [1, 188, H]:
-    exporters.encoders.AudioAdapter."""
+    models.encoders.AudioAdapter."""
 
     def __init__(self, model: Gemma3n):
         super().__init__()
@@ -286,8 +280,8 @@ def convert_encoders(model: Gemma3n, spec: ExportSpec, work: Path) -> list[tuple
         sections.append((convert(LiteRtLmVisionAdapter(model), "vision_adapter", {"soft_tokens": soft},
                                  VISION_ADAPTER_FILE), "VISION_ADAPTER"))
     if "audio" in spec.encoders:
-        frames = torch.ones(1, AUDIO_ENCODER_FRAMES, dtype=torch.bool)
-        features = torch.zeros(1, AUDIO_ENCODER_FRAMES, model.config.audio.input_feat_size)
+        frames = torch.ones(1, LITERT_AUDIO_FRAMES, dtype=torch.bool)
+        features = torch.zeros(1, LITERT_AUDIO_FRAMES, model.config.audio.input_feat_size)
         sample = {"src_inputs": features, "mask": frames}
         sections.append((convert(LiteRtLmAudioEncoder(model), "audio_encoder", sample, AUDIO_ENCODER_FILE),
                          "AUDIO_ENCODER_HW"))

@@ -1,4 +1,4 @@
-"""Writes the PLE table as its standalone, memory-mappable asset (format and reader: runtime_py/ple.py)."""
+"""Writes the PLE table as its standalone, memory-mappable asset (format and reader: contract/ple.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.text import TextDecoder
-from runtime_py.ple import FILE_NAME, FORMAT, METADATA_KEY
+from contract.ple import FILE_NAME, FORMAT, METADATA_KEY
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

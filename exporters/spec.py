@@ -35,7 +35,7 @@ QUANT_SCHEMES: dict[str, dict[str, str]] = {
 }
 
 # The encoders' schemes: int8 weights at most. MobileNet-V5 is a convnet whose int4 weights lose the image; every
-# `--quant` level above none gives the encoders their target's int8 scheme (exporters.bundle.QUANT_LEVELS).
+# `--quant` level above none gives the encoders their target's int8 scheme (runtime_py.bundle.QUANT_LEVELS).
 ENCODER_QUANT_SCHEMES: dict[str, dict[str, str]] = {
     "litert": {"none": "", "int8-weight-only": "weight_only_wi8_afp32", "int8-dynamic": "dynamic_wi8_afp32"},
     "executorch": {"none": "", "int8-weight-only": "int8wo", "8da8w": "8da8w"},
@@ -110,3 +110,16 @@ class ExportSpec:
         d = asdict(self)
         d.pop("extra")
         return d
+
+
+def split_model(model, spec) -> tuple:
+    """(text decoder, whole model or None) of a TextDecoder or Gemma3n; a spec asking for encoders needs the whole
+    model."""
+    from models.multimodal import Gemma3n
+
+    if isinstance(model, Gemma3n):
+        return model.language_model, model
+    if spec.encoders:
+        raise InputError(f"components {list(spec.encoders)}: a text-only checkpoint has no encoders "
+                         "(a Gemma3nForConditionalGeneration checkpoint has)")
+    return model, None

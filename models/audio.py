@@ -48,6 +48,8 @@ from models.text import RMSNorm
 
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30.0
+AUDIO_WINDOW_SAMPLES = int(WINDOW_SECONDS * SAMPLE_RATE)  # 480000: the one shape the exported audio encoders take
+AUDIO_WINDOW_FRAMES = 2997  # log-mel frames of one window (hop 160, frame 513)
 
 
 # --- configuration ------------------------------------------------------------------------------------------------

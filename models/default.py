@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 from models.config import TINY
+from models.random_init import randomise_
 from models.text import TextDecoder
 
 DEFAULT_SEED = 20250626
-
-
-def randomise_(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random and deterministic: matrices ~ N(0, 1/fan_in), 1-D weights (norm scales, AltUp's output
-    scale) ~ 1 +- 0.2, embedding tables ~ N(0, 1/H) so that the sqrt(H) embedding scale gives unit-size activations.
-    Works on our modules and on transformers' alike (parameters are visited in name order)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif "embed" in name and p.ndim == 2 and "proj" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
 
 
 def default_model() -> TextDecoder:

@@ -13,7 +13,7 @@ import torch
 
 from models.checkpoint import CAUSAL_LM, CONDITIONAL_GENERATION
 from models.config import TINY, TextConfig
-from models.default import randomise_
+from models.random_init import randomise_
 
 # A narrow MobileNet-V5 keeps multimodal test checkpoints small (7M parameters rather than 300M).
 TEST_VISION_ARGS = {"channel_multiplier": 0.0625}

@@ -24,12 +24,13 @@ def text_vocab_size(model) -> int:
     """How many ids a text decoder embeds by itself: all of them for a Gemma3nForCausalLM checkpoint; those below the
     media vocabularies for a Gemma3nForConditionalGeneration one (whose media ids go through the towers' embedders)."""
     hf_config = getattr(model, "hf_config", None) or {}
+    decoder = getattr(model, "language_model", model)  # a whole Gemma3n: its text decoder's vocabulary
     if hf_config.get("model_type") != "gemma3n":
-        return model.config.vocab_size
+        return decoder.config.vocab_size
     from models.multimodal import Gemma3nConfig
 
     cfg = Gemma3nConfig.from_hf_dict(hf_config)
-    return min(model.config.vocab_size, cfg.vision_embedder.vocab_offset, cfg.audio_embedder.vocab_offset)
+    return min(decoder.config.vocab_size, cfg.vision_embedder.vocab_offset, cfg.audio_embedder.vocab_offset)
 
 
 def compare_with_transformers(checkpoint: str | Path, prompt_len: int = 24, steps: int = 20) -> dict:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-only", action="store_true", help="bundle the language model alone (no encoders)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--zip", action="store_true", help="also write <target>.zip beside each folder")
+    p.add_argument("--jobs", type=int, help="targets lowered at once, one process each (default: 2 on a machine "
+                                            "with 2+ cores for models under 1B parameters, else 1)")
+    p.add_argument("--log", type=Path, help="file for the converters' output (default: <out>.log beside --out)")
 
     p = sub.add_parser("export", help="lower the model (language model, and a whole model's vision and audio "
                                       "encoders) to one target (LiteRT, ExecuTorch or Core ML)")
@@ -166,7 +170,7 @@ def _load_whole(args):
     from models.multimodal import Gemma3n
 
     if args.checkpoint is None:
-        from exporters.bundle import checkpoint_config
+        from runtime_py.bundle import checkpoint_config
 
         model, source = default_gemma3n(), "embedded default (tiny preset, deterministic weights)"
         model.hf_config = checkpoint_config(model)  # what its reference/ (or a sliced copy) is saved with
@@ -238,7 +242,7 @@ def cmd_info(args) -> int:
 
 
 def _bundle_info(args) -> int:
-    from runtime_py.manifest import verify_bundle
+    from contract.bundle import verify_bundle
 
     m = verify_bundle(args.bundle)
     if args.json:
@@ -344,14 +348,11 @@ def _generate_token_ids(args) -> int:
 def cmd_bundle(args) -> int:
     import tempfile
 
-    from rich.console import Console
-
-    from exporters.bundle import build_bundles
+    from runtime_py.bundle import build_bundles
     from models import TextDecoder, load_pretrained, save_pretrained
     from models.errors import InputError
     from models.matformer import parse_int_list, slice_checkpoint
 
-    console = Console(stderr=True)
     model, source = _load_whole(args)
     info = {"name": source}
     tokenizer = args.tokenizer
@@ -374,13 +375,21 @@ def cmd_bundle(args) -> int:
             if args.text_only and not isinstance(model, TextDecoder):
                 model = model.language_model
     targets = [t for t in args.targets.split(",") if t]
-    with console.status("building bundles") as status:
-        out = build_bundles(
-            model, args.out, targets, args.quant, tokenizer, args.cache_len,
-            tuple(parse_int_list(args.prefill_lengths, "--prefill-lengths")), info, args.zip,
-            progress=lambda message: status.update(f"building bundles: {message}"),
-            image_sizes=_image_sizes(args.image_sizes),
-        )
+    jobs = _bundle_jobs(args.jobs, model)
+    log = args.log or args.out.with_name(args.out.name + ".log")
+    if log.exists():
+        log.unlink()
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    progress(f"bundling {source} for {', '.join(targets)} ({args.quant}); converter logs: {log}")
+    out = build_bundles(
+        model, args.out, targets, args.quant, tokenizer, args.cache_len,
+        tuple(parse_int_list(args.prefill_lengths, "--prefill-lengths")), info, args.zip,
+        progress=progress, image_sizes=_image_sizes(args.image_sizes), jobs=jobs, log=log,
+    )
     for target in targets:
         manifest = json.loads((out / target / "manifest.json").read_text())
         size = sum(f["size"] for f in manifest["files"])
@@ -392,6 +401,19 @@ def cmd_bundle(args) -> int:
     return 0
 
 
+def _bundle_jobs(jobs: int | None, model) -> int:
+    """--jobs, or by default two lowerings at once where the machine has the cores and the model is small enough for
+    two conversions to fit beside each other (under a billion parameters)."""
+    from models.errors import InputError
+
+    if jobs is not None:
+        if jobs < 1:
+            raise InputError(f"--jobs: expected a positive number of processes, got {jobs}")
+        return jobs
+    parameters = sum(p.numel() for p in model.parameters())
+    return min(2, os.cpu_count() or 1) if parameters < 1_000_000_000 else 1
+
+
 def cmd_export(args) -> int:
     from rich.console import Console
 
@@ -399,7 +421,7 @@ def cmd_export(args) -> int:
     from exporters.spec import ExportSpec
     from models.matformer import parse_int_list
 
-    from exporters.bundle import default_cache_len
+    from runtime_py.bundle import default_cache_len
     from models.multimodal import Gemma3n
 
     model, source = _load_whole(args)
@@ -483,7 +505,7 @@ def cmd_parity(args) -> int:
 def cmd_compare(args) -> int:
     from rich.console import Console
 
-    from exporters.bundle import GOLDEN_PROMPT, QUANT_LEVELS, TARGETS
+    from runtime_py.bundle import GOLDEN_PROMPT, QUANT_LEVELS, TARGETS
     from models.errors import InputError
     from models.fileio import atomic_directory
     from models.matformer import parse_int_list

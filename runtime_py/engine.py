@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from contract.bundle import BACKEND_TARGETS, BACKENDS, LITERTLM_FILE, read_bundle
 from models.errors import InputError
 from runtime_py.components.stop import stop_ids_for
 from runtime_py.components.tokenizer import Tokenizer
-from runtime_py.executors import BACKENDS
 from runtime_py.session import Session
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "assets" / "tokenizer.model"
@@ -22,8 +22,7 @@ def session_for_model(model, tokenizer_path=DEFAULT_TOKENIZER, cache_len: int = 
     accepts, first the default)."""
     from models.multimodal import Gemma3n
     from runtime_py.components.media import MediaTokenRows
-    from runtime_py.executors.encoders import TorchEncoders
-    from runtime_py.executors.torch_executor import TorchExecutor
+    from runtime_py.executors.torch_executor import TorchEncoders, TorchExecutor
 
     whole = model if isinstance(model, Gemma3n) else None
     decoder = whole.language_model if whole is not None else model
@@ -51,59 +50,49 @@ def check_backend(backend: str) -> None:
         raise InputError(f"--backend: unknown backend {backend!r} ({', '.join(BACKENDS)})")
 
 
-# Which bundle target each backend runs.
-BACKEND_TARGETS = {"torch": None, "litert": "android", "litertlm": "android", "executorch": "executorch",
-                   "coreml": "ios"}
-
-
-def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2):
-    """Verifies the bundle (every file's size and sha256), then returns a session on `backend`. The torch backend
-    runs the float reference checkpoint beside the bundle (../reference), checked against the manifest too."""
-    from runtime_py.manifest import verify_bundle
-
+def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2, compute_units: str | None = None):
+    """Verifies the bundle (every file's size and sha256, the manifest's types), then returns a session on `backend`:
+    a Session, or for litertlm (Google's engine tokenizes, samples and stops by itself) a LitertLmSession. The torch
+    backend runs the float reference checkpoint beside the bundle (../reference), checked against the manifest too.
+    The session's `manifest` is the bundle's typed manifest. compute_units: Core ML's (coreml only; default ALL)."""
     check_backend(backend)
-    path = Path(path)
-    manifest = verify_bundle(path)
+    manifest = read_bundle(path)
+    path = manifest.folder
     needed = BACKEND_TARGETS[backend]
-    if needed is not None and manifest["target"] != needed:
-        raise InputError(f"--backend {backend} runs {needed} bundles; {path} is a {manifest['target']} bundle")
-    spec = manifest["export_spec"]
-    cache_len, prefill_lengths = spec["cache_len"], tuple(spec["prefill_lengths"])
-    tokenizer = Tokenizer(path / manifest["tokenizer"]["file"])
-    stop_ids, bos_id = manifest["tokenizer"]["stop_ids"], manifest["tokenizer"]["bos_id"]
-    vocab_size = manifest["model"]["config"]["vocab_size"]
-    encoders = manifest.get("encoders") or {}  # absent from text-only bundles
+    if needed is not None and manifest.target != needed:
+        raise InputError(f"--backend {backend} runs {needed} bundles; {path} is a {manifest.target} bundle")
     if backend == "torch":
-        model = reference_model(path, manifest, whole=bool(encoders))
-        session = session_for_model(model, tokenizer.path, cache_len, prefill_lengths,
-                                    tuple(encoders.get("image_sizes", ())) or None)
-        session.stop_ids, session.source = stop_ids, str(path)
-        return session
-    if backend == "litertlm":  # Google's engine tokenizes, samples and stops by itself
-        from runtime_py.executors.litert_executor import LitertLmSession
+        model = reference_model(path, manifest.raw, whole=bool(manifest.encoders))
+        session = session_for_model(model, manifest.file(manifest.tokenizer_file), manifest.cache_len,
+                                    manifest.prefill_lengths, manifest.image_sizes or None)
+        session.stop_ids, session.source = list(manifest.stop_ids), str(path)
+    elif backend == "litertlm":
+        from runtime_py.litertlm_session import LitertLmSession
 
-        return LitertLmSession(path / "model.litertlm", cache_len, threads)
-    from runtime_py.executors import load_executor
+        session = LitertLmSession(manifest.file(LITERTLM_FILE), manifest.cache_len, threads)
+    else:
+        from runtime_py.executors import load_encoders, load_executor
 
-    executor, per_layer_rows = load_executor(backend, path, manifest, threads)
-    session = Session(executor, tokenizer, per_layer_rows, bos_id, stop_ids, vocab_size,
-                      ple_vocab_size=manifest["model"]["config"].get("vocab_size_per_layer_input"), source=str(path))
-    if encoders:
-        from models.multimodal import MediaTokens
-        from runtime_py.components.media import MediaTokenRows
-        from runtime_py.executors.encoders import load_encoders
+        executor, per_layer_rows = load_executor(backend, manifest, threads, compute_units)
+        session = Session(executor, Tokenizer(manifest.file(manifest.tokenizer_file)), per_layer_rows,
+                          manifest.bos_id, list(manifest.stop_ids), manifest.vocab_size,
+                          ple_vocab_size=manifest.ple_vocab_size, source=str(path))
+        if manifest.encoders:
+            from models.multimodal import MediaTokens
+            from runtime_py.components.media import MediaTokenRows
 
-        session.encoders = load_encoders(backend, path, manifest, threads)
-        session.media_rows = MediaTokenRows.from_file(path / encoders["media_token_embeddings"]["file"])
-        session.media_tokens = MediaTokens(**encoders["media_tokens"])
+            session.encoders = load_encoders(backend, manifest, threads)
+            session.media_rows = MediaTokenRows.from_file(manifest.file(manifest.encoders["media_token_embeddings"]["file"]))
+            session.media_tokens = MediaTokens(**manifest.encoders["media_tokens"])
+    session.manifest = manifest
     return session
 
 
 def reference_model(bundle: Path, manifest: dict, whole: bool = False):
     """The bundle's float reference checkpoint (../reference), checked against the manifest: its text decoder, or
     with whole=True the whole Gemma3n (a text-only checkpoint still gives a TextDecoder)."""
+    from contract.bundle import sha256_of
     from models.checkpoint import load_pretrained, load_text_decoder
-    from runtime_py.manifest import sha256_of
 
     ref = (bundle / manifest["reference"]["path"]).resolve()
     for entry in manifest["reference"]["files"]:

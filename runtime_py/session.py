@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
+from contract.bundle import BundleManifest
 from models.errors import InputError
+from models.multimodal import MediaTokens
 from runtime_py.components.chat_template import render
-from runtime_py.components.media import MediaPrompt, as_list, build_media_prompt, image_frames
+from runtime_py.components.media import MediaPrompt, MediaTokenRows, as_list, build_media_prompt, has_media_items, image_frames
+from runtime_py.components.timing import Timing
 from runtime_py.components.sampler import Sampler
 from runtime_py.components.stop import StopDetector
 from runtime_py.components.tokenizer import Tokenizer
+from runtime_py.executors.base import EncoderRunner, Executor
 
 
 NO_ENCODERS = ("this bundle has no image or audio encoders (it was built from a text-only model; bundle a whole "
@@ -36,41 +40,23 @@ NO_ENCODERS = ("this bundle has no image or audio encoders (it was built from a 
 
 
 @dataclass
-class Timing:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    media_s: float = 0.0  # preprocessing and encoders
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    time_to_first_token_s: float = 0.0
-    stopped_by: str = ""
-
-    def line(self, peak_rss_mb: float) -> str:
-        prefill_tps = self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
-        decode_tps = (self.generated_tokens - 1) / self.decode_s if self.decode_s else float("nan")
-        media = f"media encoders {self.media_s * 1e3:.1f} ms | " if self.media_s else ""
-        return (f"ttft {self.time_to_first_token_s * 1e3:.1f} ms | {media}prefill {prefill_tps:.1f} tok/s "
-                f"({self.prompt_tokens} tokens) | decode {decode_tps:.1f} tok/s ({self.generated_tokens} tokens) | "
-                f"peak RSS {peak_rss_mb:.0f} MB | stopped by {self.stopped_by}")
-
-
-@dataclass
 class Session:
-    executor: object
+    executor: Executor
     tokenizer: Tokenizer
-    per_layer_rows: object  # callable ids [T] -> [T, L, P] (the PLE lookup)
+    per_layer_rows: Callable[[np.ndarray], np.ndarray]  # ids [T] -> [T, L, P] (the PLE lookup)
     bos_id: int
     stop_ids: list[int]
     vocab_size: int
     timing: Timing = field(default_factory=Timing)
     notice: str = ""
-    # A whole Gemma 3n's parts (None for a text-only model): the image/audio runner (runtime_py.executors.encoders),
-    # the embedders' hard-token rows (components.media.MediaTokenRows) and the media span ids (MediaTokens).
-    encoders: object = None
-    media_rows: object = None
-    media_tokens: object = None
+    # A whole Gemma 3n's parts (None for a text-only model): the image/audio runner, the embedders' hard-token rows
+    # and the media span ids.
+    encoders: EncoderRunner | None = None
+    media_rows: MediaTokenRows | None = None
+    media_tokens: MediaTokens | None = None
     ple_vocab_size: int | None = None  # ids at or beyond it read PLE row 0 (None: the lookup's own rule)
     source: str = ""  # the bundle, for messages
+    manifest: BundleManifest | None = None  # a bundle's typed manifest, set by engine.open_bundle
 
     accepts_media = True  # generate() takes images and audio (a bundle without encoders says so when given them)
 
@@ -185,7 +171,7 @@ class Session:
         image_size: the vision encoder's input size (default: the bundle's first)."""
         sampler, stop = Sampler(temperature, top_k, top_p, seed), StopDetector(self.stop_ids)
         media = soft = None
-        if image_frames(images) or as_list(audio) or _has_media_items(prompt):
+        if image_frames(images) or as_list(audio) or has_media_items(prompt):
             t0 = time.perf_counter()  # the time to the first token includes preprocessing and the encoders
             media = self.media_prompt(prompt, images, audio, image_size)
             soft = self.encode_media(media)
@@ -231,10 +217,3 @@ class Session:
             new_text = self.tokenizer.decode(out)
             yield new_text[len(text):]
             text = new_text
-
-
-def _has_media_items(prompt) -> bool:
-    return isinstance(prompt, list) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), list)
-        and any(isinstance(item, dict) and item.get("type") in ("image", "audio") for item in m["content"])
-        for m in prompt)

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny checkpoints that transformers itself writes from random init (every parameter randomised)."""
+"""Shared fixtures (tiny checkpoints that transformers itself writes from random init, every parameter randomised;
+the embedded default model; the bundles every runtime test reads, each built once per session) and the CLI helpers
+every test of a user error uses."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from exporters.bundle import build_bundles
+from runtime_py.bundle import build_bundles
+from runtime_py.cli import main
 from models.checkpoint import CAUSAL_LM, CONDITIONAL_GENERATION
 from models.default import default_model
 from models.config import E4B, TINY
@@ -51,19 +54,46 @@ def e4b_shaped_checkpoint(tmp_path_factory):
     return path
 
 
+# Bundle fixtures lower their targets two at a time, each in a process of its own (runtime_py.bundle.lower_targets).
+JOBS = 2
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """g3n in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
+    """A user error: exit 2 and exactly one `error:` line on stderr, naming each fragment, and no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+
+
+@pytest.fixture(scope="session")
+def default_gemma3n():
+    """The embedded default whole model (text decoder, vision and audio towers). Shared: tests must not change it
+    (the exporters work on copies)."""
+    from models.default import default_gemma3n as build
+
+    return build()
+
+
 @pytest.fixture(scope="session")
 def default_bundles(tmp_path_factory):
     """Bundles of the embedded default model for every target, built once for the session (minutes): tests that
     change a bundle work on a copy."""
     return build_bundles(default_model(), tmp_path_factory.mktemp("b") / "out", ["android", "executorch", "ios"],
-                         cache_len=96, prefill_lengths=(16,), make_zip=True)
+                         cache_len=96, prefill_lengths=(16,), make_zip=True, jobs=JOBS)
 
 
 @pytest.fixture(scope="session")
-def multimodal_bundles(tmp_path_factory):
+def multimodal_bundles(tmp_path_factory, default_gemma3n):
     """Float bundles of the embedded default whole model (text decoder, vision and audio encoders) for android and
     executorch, at 256 px with a 512-position cache (an image and an audio window fit), built once (minutes)."""
-    from models.default import default_gemma3n
-
-    return build_bundles(default_gemma3n(), tmp_path_factory.mktemp("mm") / "out", ["android", "executorch"],
-                         cache_len=512, prefill_lengths=(64,), image_sizes=(256,))
+    return build_bundles(default_gemma3n, tmp_path_factory.mktemp("mm") / "out", ["android", "executorch"],
+                         cache_len=512, prefill_lengths=(64,), image_sizes=(256,), jobs=JOBS)

@@ -26,7 +26,7 @@ from models.audio import (
     log_mel_features,
     num_audio_tokens,
 )
-from models.default import randomise_
+from models.random_init import randomise_
 from models.errors import InputError
 from models.hf_reference import TEST_AUDIO
 

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from exporters.bundle import build_bundles
+from runtime_py.bundle import build_bundles
 from models.default import default_model
 from models.errors import InputError
+from conftest import assert_one_error_line, run_cli
 from runtime_py.cli import main
 from runtime_py.engine import open_bundle
 
@@ -73,14 +74,8 @@ def test_a_failed_build_leaves_nothing(tmp_path):
 
 
 def _cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    _, err = capsys.readouterr()
+    code, _, err = run_cli(capsys, *argv)
     return code, err
-
-
-def _assert_one_error(code, err, fragment):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
 
 
 def _copy(bundles, tmp_path, target="executorch"):
@@ -94,7 +89,7 @@ def test_tampered_file_is_named(bundles, tmp_path, capsys):
     with open(bundle / "chat_template.jinja", "a") as f:
         f.write(" ")
     code, err = _cli(capsys, "generate", "--bundle", bundle, "hi")
-    _assert_one_error(code, err, "chat_template.jinja")
+    assert_one_error_line(code, err, "chat_template.jinja")
 
 
 def test_same_size_modification_is_caught_by_sha256(bundles, tmp_path, capsys):
@@ -103,7 +98,7 @@ def test_same_size_modification_is_caught_by_sha256(bundles, tmp_path, capsys):
     data[-1] ^= 0xFF
     (bundle / "golden.safetensors").write_bytes(bytes(data))
     code, err = _cli(capsys, "generate", "--bundle", bundle, "hi")
-    _assert_one_error(code, err, "sha256 differs")
+    assert_one_error_line(code, err, "sha256 differs")
 
 
 def test_missing_and_truncated_files(bundles, tmp_path, capsys):
@@ -111,11 +106,11 @@ def test_missing_and_truncated_files(bundles, tmp_path, capsys):
     ple = bundle / "per_layer_embeddings.safetensors"
     ple.write_bytes(ple.read_bytes()[:1000])
     code, err = _cli(capsys, "info", "--bundle", bundle)
-    _assert_one_error(code, err, "per_layer_embeddings.safetensors: 1000 bytes")
+    assert_one_error_line(code, err, "per_layer_embeddings.safetensors: 1000 bytes")
     (bundle / "tokenizer.model").unlink()
     ple.unlink()
     code, err = _cli(capsys, "info", "--bundle", bundle)
-    _assert_one_error(code, err, "missing")
+    assert_one_error_line(code, err, "missing")
 
 
 def test_unknown_schema_version(bundles, tmp_path, capsys):
@@ -124,24 +119,24 @@ def test_unknown_schema_version(bundles, tmp_path, capsys):
     manifest["schema_version"] = 99
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     code, err = _cli(capsys, "generate", "--bundle", bundle, "hi")
-    _assert_one_error(code, err, "schema_version 99 is not supported")
+    assert_one_error_line(code, err, "schema_version 99 is not supported")
 
 
 def test_bad_prompts_and_backends(bundles, capsys):
     code, err = _cli(capsys, "generate", "--bundle", bundles / "executorch", "   ")
-    _assert_one_error(code, err, "empty prompt")
+    assert_one_error_line(code, err, "empty prompt")
     code, err = _cli(capsys, "generate", "--bundle", bundles / "executorch", "--backend", "tpu", "hi")
-    _assert_one_error(code, err, "unknown backend 'tpu'")
+    assert_one_error_line(code, err, "unknown backend 'tpu'")
     code, err = _cli(capsys, "generate", "--bundle", bundles / "executorch", "--backend", "litert", "hi")
-    _assert_one_error(code, err, "runs android bundles")
+    assert_one_error_line(code, err, "runs android bundles")
     code, err = _cli(capsys, "generate", "--checkpoint", bundles / "reference", "--token-ids", "2,384")
-    _assert_one_error(code, err, "token id 384 is out of range")
+    assert_one_error_line(code, err, "token id 384 is out of range")
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="checks the message Linux users get")
 def test_coreml_backend_says_it_needs_macos(bundles, capsys):
     code, err = _cli(capsys, "generate", "--bundle", bundles / "ios", "--backend", "coreml", "hi")
-    _assert_one_error(code, err, "macOS")
+    assert_one_error_line(code, err, "macOS")
 
 
 def test_generate_prints_text_and_a_timing_line(bundles, capsys):

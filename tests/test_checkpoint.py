@@ -25,11 +25,15 @@ def _edit_tensors(path, edit):
     save_file(tensors, path / SINGLE_FILE, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_multimodal_checkpoint"])
-def test_save_writes_the_same_layout_back(fixture, request, tmp_path):
-    """The text decoder alone carries a multimodal checkpoint's other tensors through unchanged."""
+@pytest.mark.parametrize("fixture, loader", [("tiny_checkpoint", load_text_decoder),
+                                             ("tiny_multimodal_checkpoint", load_text_decoder),
+                                             ("tiny_multimodal_checkpoint", load_pretrained)],
+                         ids=["causal-lm", "conditional-as-text-decoder", "conditional-as-whole-model"])
+def test_save_writes_the_same_layout_back(fixture, loader, request, tmp_path):
+    """Every tensor written back unchanged (but the tied lm_head): by the whole model, and by the text decoder alone,
+    which carries a multimodal checkpoint's tower tensors through."""
     src = request.getfixturevalue(fixture)
-    model = load_text_decoder(src)
+    model = loader(src)
     out = tmp_path / "saved"
     save_pretrained(model, out)
     before, after = load_file(src / SINGLE_FILE), load_file(out / SINGLE_FILE)
@@ -39,9 +43,10 @@ def test_save_writes_the_same_layout_back(fixture, request, tmp_path):
         (src / "config.json").read_text()
     )["model_type"]
     # transformers reads what we wrote and computes the same logits as our model.
-    ids = parity_prompt(text_vocab_size(model), model.config.vocab_size_per_layer_input, 9)
+    decoder = getattr(model, "language_model", model)
+    ids = parity_prompt(text_vocab_size(model), decoder.config.vocab_size_per_layer_input, 9)
     with torch.no_grad():
-        assert (load_hf_model(out)(input_ids=ids).logits - model(ids)).abs().max().item() <= 1e-4
+        assert (load_hf_model(out)(input_ids=ids).logits - decoder(ids)).abs().max().item() <= 1e-4
 
 
 def test_sharded_checkpoint_round_trip(tiny_checkpoint, tmp_path):

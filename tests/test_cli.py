@@ -12,22 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from models import load_pretrained
 from models.generate import prefill_and_decode
-from runtime_py.cli import main
+from conftest import assert_one_error_line, run_cli
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_error_line(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0]
+run = run_cli
 
 
 def test_info_default_model(capsys):

@@ -1,4 +1,4 @@
-"""The comparer (runtime_py.compare, exporters.debug, `g3n compare`) held to known answers.
+"""The comparer (runtime_py.compare, runtime_py.compare.debug_export, `g3n compare`) held to known answers.
 
 - Metrics against torch's own cosine similarity and KL divergence, and the teacher-forced greedy count against a real
   free-running generation.
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from exporters.debug import export_debug, open_debug
+from runtime_py.compare.debug_export import export_debug, open_debug
 from exporters.spec import ExportSpec
 from models.config import TINY_4_LAYERS
-from models.default import randomise_
+from models.random_init import randomise_
 from models.errors import InputError
 from models.text import TextDecoder
 from runtime_py import compare
@@ -211,7 +211,7 @@ def test_perturbed_layer_is_flagged_and_named(model, perturbed_backend):
 
 @pytest.fixture(scope="module")
 def android_bundle(model, tmp_path_factory):
-    from exporters.bundle import build_bundles
+    from runtime_py.bundle import build_bundles
 
     out = build_bundles(model, tmp_path_factory.mktemp("bundle") / "out", ["android"], cache_len=CACHE_LEN,
                         prefill_lengths=(PREFILL_LEN,))

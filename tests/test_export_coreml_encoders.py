@@ -30,12 +30,12 @@ from exporters.coreml import (
     summarize_mlpackage,
     write_package,
 )
-from exporters.encoders import AudioEmbedder, VisionEmbedder, golden_media
+from models.encoders import AudioEmbedder, VisionEmbedder, golden_media
 from exporters.spec import ExportSpec
 from models.default import default_gemma3n
 from models.errors import InputError
 from runtime_py.executors.coreml_executor import CoreMLEncoders, coreml_can_predict
-from runtime_py.executors.encoders import TorchEncoders
+from runtime_py.executors.torch_executor import TorchEncoders
 
 SPEC = ExportSpec(target="coreml", components=("decoder", "vision", "audio"), image_sizes=(256,), cache_len=64,
                   prefill_lengths=(16,))
@@ -61,8 +61,8 @@ def quantizable_weights(embedder):
 
 
 @pytest.fixture(scope="module")
-def whole():
-    return default_gemma3n()
+def whole(default_gemma3n):
+    return default_gemma3n
 
 
 @pytest.fixture(scope="module")
@@ -234,27 +234,28 @@ def test_export_coreml_needs_a_whole_model_for_encoders(tmp_path):
 # --- runtime ------------------------------------------------------------------------------------------------------
 
 
-def manifest(spec):
-    return {"export_spec": spec.as_dict()}
+def listed(spec):
+    """What a bundle's manifest lists of its encoders: components and image sizes."""
+    return spec.components, spec.image_sizes
 
 
 def test_coreml_encoders_check_the_bundle_and_the_inputs(float_dir, tmp_path):
-    encoders = CoreMLEncoders(float_dir, manifest(SPEC), threads=2)
+    encoders = CoreMLEncoders(float_dir, *listed(SPEC))
     assert (encoders.image_sizes, encoders.has_vision, encoders.has_audio) == ((256,), True, True)
     with pytest.raises(InputError, match=r"no vision encoder for 512 px \(it has 256\)"):
         encoders.image(np.zeros((1, 3, 512, 512), np.float32))
     with pytest.raises(InputError, match="has no function vision_encoder_512 .it has vision_encoder_256"):
-        CoreMLEncoders(float_dir, manifest(replace(SPEC, image_sizes=(256, 512))), threads=2)
+        CoreMLEncoders(float_dir, *listed(replace(SPEC, image_sizes=(256, 512)))
     with pytest.raises(InputError, match="audio_encoder.mlpackage: missing"):
-        CoreMLEncoders(tmp_path, manifest(replace(SPEC, components=("decoder", "audio"))), threads=2)
-    vision_only = CoreMLEncoders(float_dir, manifest(replace(SPEC, components=("decoder", "vision"))), threads=2)
+        CoreMLEncoders(tmp_path, *listed(replace(SPEC, components=("decoder", "audio")))
+    vision_only = CoreMLEncoders(float_dir, *listed(replace(SPEC, components=("decoder", "vision")))
     with pytest.raises(InputError, match="no audio encoder"):
         vision_only.audio(np.zeros((1, 2997, 128), np.float32), np.zeros((1, 2997), np.float32))
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="on macOS the encoders run (the test below)")
 def test_coreml_encoders_say_they_need_macos(float_dir):
-    encoders = CoreMLEncoders(float_dir, manifest(SPEC), threads=2)
+    encoders = CoreMLEncoders(float_dir, *listed(SPEC))
     with pytest.raises(InputError, match="needs macOS"):
         encoders.image(np.zeros((1, 3, 256, 256), np.float32))
 
@@ -272,7 +273,7 @@ def test_coreml_encoders_match_the_float_pytorch_encoders(whole, float_dir, int8
               "audio": (golden["audio_features"].numpy(), golden["audio_padding_mask"].numpy())}
     for bundle, spec, simulation, min_cosine in ((float_dir, SPEC, "fp16", 0.9999),
                                                  (int8_dir, INT8_SPEC, "int8-weights+fp16", 0.99)):
-        encoders = CoreMLEncoders(bundle, manifest(spec), threads=2)
+        encoders = CoreMLEncoders(bundle, *listed(spec))
         for case, run, expected in (("vision_256", encoders.image, reference.image),
                                     ("audio", encoders.audio, reference.audio)):
             actual, want = run(*inputs[case]), expected(*inputs[case])

@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.executorch import PLE_TAG, PTE_NAME, export_decoder, export_executorch, quantize_decoder_
+from contract.bundle import PTD_FILE, PTE_FILE
+from exporters.executorch import export_decoder, export_executorch, quantize_decoder_
 from exporters.ple import write_ple_asset
 from exporters.spec import ExportSpec
 from models.config import TINY_4_LAYERS
-from models.default import randomise_
+from models.random_init import randomise_
 from models.errors import InputError
 from models.generate import prefill_and_decode
 from models.text import TextDecoder
-from runtime_py.ple import PleTable
+from contract.ple import PleTable
 
 SMALL = TINY_4_LAYERS
 CACHE_LEN, PROMPT_LEN, STEPS = 32, 8, 8
@@ -59,7 +60,7 @@ def _load(pte):
     import executorch.kernels.quantized  # noqa: F401  (registers the quantized kernels the 8da/int8 programs call)
     from executorch.runtime import Runtime
 
-    return Runtime.get().load_program(pte, data_path=pte.parent / f"{PLE_TAG}.ptd")
+    return Runtime.get().load_program(pte, data_path=pte.parent / PTD_FILE)
 
 
 def _generate(program, prompt, tokens_in):
@@ -114,10 +115,10 @@ def test_runner_metadata_methods(float_export):
 
 def test_ple_table_lives_in_the_ptd(model, float_export):
     _, pte = float_export
-    ptd = pte.parent / f"{PLE_TAG}.ptd"
+    ptd = pte.parent / PTD_FILE
     table = model.per_layer_embedding.weight.detach().float().numpy().tobytes()
     pte_bytes, ptd_bytes = pte.read_bytes(), ptd.read_bytes()
-    assert sorted(p.name for p in pte.parent.iterdir()) == sorted([PTE_NAME, ptd.name])
+    assert sorted(p.name for p in pte.parent.iterdir()) == sorted([PTE_FILE, ptd.name])
     assert table in ptd_bytes and table not in pte_bytes
     assert len(table) <= len(ptd_bytes) < len(table) + 4096  # the table and a small header, nothing else
     # Every row comes back through the mapped table, ids beyond the PLE vocabulary reading row 0 as in eager.
@@ -130,12 +131,12 @@ def test_ple_table_lives_in_the_ptd(model, float_export):
 def test_8da8w_with_int8_ple(model, prompt, eager, tmp_path_factory, tmp_path):
     spec, pte = _export(model, tmp_path_factory, quant="8da8w", ple_storage="int8")
     program = _load(pte)
-    # The int8 PLE table in the .ptd gives exactly the rows that the safetensors asset (runtime_py.ple) gives.
+    # The int8 PLE table in the .ptd gives exactly the rows that the safetensors asset (contract.ple) gives.
     ids = torch.tensor([[0, 5, 319, 320, 383, 17, 2, 1]])
     rows = program.load_method("per_layer_embedding").execute([ids])[0]
     asset = PleTable(write_ple_asset(model, tmp_path, "int8"))
     np.testing.assert_allclose(rows[0].numpy(), asset.rows(ids[0].numpy()), rtol=1e-6, atol=1e-6)
-    ptd_size = (pte.parent / f"{PLE_TAG}.ptd").stat().st_size
+    ptd_size = (pte.parent / PTD_FILE).stat().st_size
     table_int8 = SMALL.vocab_size_per_layer_input * SMALL.num_layers * SMALL.hidden_size_per_layer_input
     assert table_int8 <= ptd_size < table_int8 + 4 * SMALL.vocab_size_per_layer_input + 4096
 

@@ -16,12 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exporters.encoders import golden_media
+from models.encoders import golden_media
+from contract.bundle import AUDIO_ENCODER, PTD_FILE, PTE_FILE, VISION_ENCODER, vision_encoder_name
 from exporters.executorch import (
-    AUDIO_METHOD,
-    PLE_TAG,
-    PTE_NAME,
-    VISION_METHOD,
     Int8WeightOnlyConv,
     XnnpackRMSNorm2d,
     encoder_programs,
@@ -29,14 +26,14 @@ from exporters.executorch import (
     lower,
     sharing_copy,
     swap_norms_,
-    vision_method,
 )
 from exporters.spec import ENCODER_QUANT_SCHEMES, ExportSpec
-from models.default import default_gemma3n, default_model, randomise_
+from models.default import default_gemma3n, default_model
+from models.random_init import randomise_
 from models.errors import InputError
 from models.generate import prefill_and_decode
 from models.vision import Conv2dSame, RMSNorm2d
-from runtime_py.executors.encoders import TorchEncoders
+from runtime_py.executors.torch_executor import TorchEncoders
 from runtime_py.executors.executorch_executor import ExecuTorchEncoders, load_program
 
 SIZE, CACHE_LEN, PROMPT_LEN, STEPS = 256, 64, 16, 8
@@ -54,8 +51,8 @@ def max_abs(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def whole():
-    return default_gemma3n()
+def whole(default_gemma3n):
+    return default_gemma3n
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +62,15 @@ def golden(whole):
 
 @pytest.fixture(scope="module")
 def float_bundle(whole, tmp_path_factory):
-    """export_executorch's folder with the manifest fields that the runtime reads."""
+    """export_executorch's folder and its spec."""
     out = tmp_path_factory.mktemp("et-enc") / "bundle"
     export_executorch(whole, SPEC, out)
-    manifest = {"export_spec": SPEC.as_dict(), "files": [{"path": p.name} for p in sorted(out.iterdir())]}
-    return out, manifest
+    return out, SPEC
+
+
+def listed(spec):
+    """What a bundle's manifest lists of its encoders: components and image sizes."""
+    return spec.components, spec.image_sizes
 
 
 def plans(pte_bytes: bytes) -> dict[str, tuple[int, list[str]]]:
@@ -134,16 +135,16 @@ def test_sharing_copy_swaps_without_touching_the_model(whole):
 @pytest.mark.heavy
 def test_methods_delegates_and_shared_weights(float_bundle, whole):
     out, _ = float_bundle
-    pte = out / PTE_NAME
-    assert sorted(p.name for p in out.iterdir()) == [PTE_NAME, f"{PLE_TAG}.ptd"]
-    program = load_program(pte, out / f"{PLE_TAG}.ptd")
-    assert {VISION_METHOD, vision_method(SIZE), AUDIO_METHOD, "decode", f"prefill_{PROMPT_LEN}",
+    pte = out / PTE_FILE
+    assert sorted(p.name for p in out.iterdir()) == [PTE_FILE, PTD_FILE]
+    program = load_program(pte, out / PTD_FILE)
+    assert {VISION_ENCODER, vision_encoder_name(SIZE), AUDIO_ENCODER, "decode", f"prefill_{PROMPT_LEN}",
             "token_embedding", "per_layer_embedding", "get_image_sizes"} <= program.method_names
     assert list(program.load_method("get_image_sizes").execute([])) == [SIZE]
     data = pte.read_bytes()
     counts = plans(data)
     # XNNPACK runs the whole vision graph but the nearest-neighbour upsampling of the MSFA, which splits it in two.
-    for method in (VISION_METHOD, vision_method(SIZE)):
+    for method in (VISION_ENCODER, vision_encoder_name(SIZE)):
         assert counts[method] == (2, ["aten::upsample_nearest2d"]), counts[method]
     # The default-size method repeats vision_encoder_256 and reads the same weights: each is stored once.
     largest = max((m for m in whole.vision_tower.modules() if isinstance(m, torch.nn.Conv2d)
@@ -154,8 +155,8 @@ def test_methods_delegates_and_shared_weights(float_bundle, whole):
 
 @pytest.mark.heavy
 def test_encoders_match_torch(float_bundle, whole, golden):
-    bundle, manifest = float_bundle
-    encoders, reference = ExecuTorchEncoders(bundle, manifest, threads=2), TorchEncoders(whole)
+    bundle, spec = float_bundle
+    encoders, reference = ExecuTorchEncoders(bundle / PTE_FILE, bundle / PTD_FILE, *listed(spec)), TorchEncoders(whole)
     assert (encoders.image_sizes, encoders.has_vision, encoders.has_audio) == ((SIZE,), True, True)
     pixels = golden[f"pixel_values_{SIZE}"].numpy()
     image, image_ref = encoders.image(pixels), reference.image(pixels)
@@ -168,7 +169,7 @@ def test_encoders_match_torch(float_bundle, whole, golden):
     assert audio.shape == (1, 188, whole.config.text.hidden_size)
     assert max_abs(audio, audio_ref) < 2e-5, max_abs(audio, audio_ref)  # measured 2.2e-6
     # The default method is the same graph as the sized one.
-    default = encoders.program.load_method(VISION_METHOD).execute([torch.from_numpy(pixels)])[0].numpy()
+    default = encoders.program.load_method(VISION_ENCODER).execute([torch.from_numpy(pixels)])[0].numpy()
     np.testing.assert_array_equal(default, image)
     print(f"float vision {SIZE}: max abs {max_abs(image, image_ref):.2e}; audio: {max_abs(audio, audio_ref):.2e}")
 
@@ -176,20 +177,19 @@ def test_encoders_match_torch(float_bundle, whole, golden):
         encoders.image(np.zeros((1, 3, 512, 512), np.float32))
     with pytest.raises(InputError, match="expected"):
         encoders.audio(features[:, :100], mask[:, :100])
-    listed = {**manifest, "export_spec": {**manifest["export_spec"], "image_sizes": [SIZE, 512]}}
     with pytest.raises(InputError, match="vision_encoder_512"):
-        ExecuTorchEncoders(bundle, listed, threads=2)
+        ExecuTorchEncoders(bundle / PTE_FILE, bundle / PTD_FILE, spec.components, (SIZE, 512))
 
 
 @pytest.mark.heavy
 def test_decoder_shares_its_cache_beside_the_encoders(float_bundle, golden):
     """Prefill, an image through the vision encoder, then decode steps: decode still reads the cache that prefill
     wrote (the encoders have no mutable buffers and plan their own memory), as in eager PyTorch."""
-    bundle, manifest = float_bundle
-    program = load_program(bundle / PTE_NAME, bundle / f"{PLE_TAG}.ptd")
+    bundle, _ = float_bundle
+    program = load_program(bundle / PTE_FILE, bundle / PTD_FILE)
     token_embedding, per_layer = program.load_method("token_embedding"), program.load_method("per_layer_embedding")
     prefill, decode = program.load_method(f"prefill_{PROMPT_LEN}"), program.load_method("decode")
-    vision = program.load_method(VISION_METHOD)
+    vision = program.load_method(VISION_ENCODER)
 
     decoder = default_model()  # default_gemma3n's decoder has these weights
     prompt = torch.randint(0, decoder.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
@@ -213,21 +213,21 @@ def test_decoder_shares_its_cache_beside_the_encoders(float_bundle, golden):
 
 @pytest.mark.heavy
 def test_8da8w_encoders(whole, golden, tmp_path):
-    """The bundles' int8 scheme (exporters.bundle.ENCODER_QUANT_LEVELS): int8 per-channel weights and dynamically
+    """The bundles' int8 scheme (runtime_py.bundle.ENCODER_QUANT_LEVELS): int8 per-channel weights and dynamically
     quantized activations for every Linear and 2-D convolution but the depthwise ones, run by XNNPACK."""
     spec = ExportSpec("executorch", components=("decoder", "vision", "audio"), image_sizes=(SIZE,),
                       encoder_quant="8da8w")
     programs = encoder_programs(whole, spec)
     eager = {name: program.module() for name, program in programs.items()}
-    pte = tmp_path / PTE_NAME
-    pte.write_bytes(lower(programs, {}, {VISION_METHOD: vision_method(SIZE)}).buffer)
+    pte = tmp_path / PTE_FILE
+    pte.write_bytes(lower(programs, {}, {VISION_ENCODER: vision_encoder_name(SIZE)}).buffer)
     program = load_program(pte, None)
     pixels, features, mask = golden[f"pixel_values_{SIZE}"], golden["audio_features"], golden["audio_padding_mask"]
-    image = program.load_method(vision_method(SIZE)).execute([pixels])[0]
-    audio = program.load_method(AUDIO_METHOD).execute([features, mask])[0]
+    image = program.load_method(vision_encoder_name(SIZE)).execute([pixels])[0]
+    audio = program.load_method(AUDIO_ENCODER).execute([features, mask])[0]
     image_ref, audio_ref = golden[f"image_embeddings_{SIZE}"], golden["audio_embeddings"]
     with torch.no_grad():
-        image_eager, audio_eager = eager[vision_method(SIZE)](pixels), eager[AUDIO_METHOD](features, mask)
+        image_eager, audio_eager = eager[vision_encoder_name(SIZE)](pixels), eager[AUDIO_ENCODER](features, mask)
     print(f"8da8w vision {SIZE}: max abs {max_abs(image, image_ref):.3f} cosine {cosine(image, image_ref):.5f}; "
           f"audio: max abs {max_abs(audio, audio_ref):.3f} cosine {cosine(audio, audio_ref):.5f}; "
           f"eager PT2E reference: {cosine(image_eager, image_ref):.5f} / {cosine(audio_eager, audio_ref):.5f}; "
@@ -240,8 +240,8 @@ def test_8da8w_encoders(whole, golden, tmp_path):
     for out, eager_out, ref in ((image, image_eager, image_ref), (audio, audio_eager, audio_ref)):
         assert 1 - cosine(out, ref) <= 1.2 * (1 - cosine(eager_out, ref))
     counts = plans(pte.read_bytes())
-    delegates, portable = counts[vision_method(SIZE)]
-    assert portable == ["aten::upsample_nearest2d"] and delegates <= 21, counts[vision_method(SIZE)]
+    delegates, portable = counts[vision_encoder_name(SIZE)]
+    assert portable == ["aten::upsample_nearest2d"] and delegates <= 21, counts[vision_encoder_name(SIZE)]
     # int8 weights: the vision weights (7.3M parameters, 29 MB in fp32) take about a quarter.
     float_bytes = 4 * sum(p.numel() for m in (whole.vision_tower, whole.embed_vision, whole.audio_tower,
                                               whole.embed_audio) for p in m.parameters())
@@ -269,11 +269,11 @@ def measure(out: Path, sizes: tuple[int, ...] = (768, 256), schemes=tuple(ENCODE
         seconds = time.perf_counter() - t0
         program = load_program(pte, None)
         for size in sizes:
-            image = program.load_method(vision_method(size)).execute([media[f"pixel_values_{size}"]])[0]
+            image = program.load_method(vision_encoder_name(size)).execute([media[f"pixel_values_{size}"]])[0]
             ref = media[f"image_embeddings_{size}"]
             print(f"{scheme:17s} vision {size:3d}px  max abs {max_abs(image, ref):.3g}  mean abs "
                   f"{(image - ref).abs().mean():.3g}  cosine {cosine(image, ref):.6f}")
-        audio = program.load_method(AUDIO_METHOD).execute([media["audio_features"], media["audio_padding_mask"]])[0]
+        audio = program.load_method(AUDIO_ENCODER).execute([media["audio_features"], media["audio_padding_mask"]])[0]
         ref = media["audio_embeddings"]
         print(f"{scheme:17s} audio        max abs {max_abs(audio, ref):.3g}  mean abs {(audio - ref).abs().mean():.3g}  "
               f"cosine {cosine(audio, ref):.6f}")

@@ -3,7 +3,7 @@ of model.litertlm) against the float PyTorch encoders, and Google's LiteRT-LM en
 
 One export of the embedded default whole model (vision at 256 px, audio, the decoder with a 320-position cache so that
 an image prompt fits; a few minutes of conversion on 2 cores) serves every test but the heavy one; the int8 variant
-re-quantizes its encoder files and repacks them. The torch references are our encoders (exporters.encoders), which
+re-quantizes its encoder files and repacks them. The torch references are our encoders (models.encoders), which
 equal Gemma3n.image_embeddings / audio_embeddings, themselves tested against timm and transformers.
 
 `python tests/test_export_litert_encoders.py` prints the errors, sizes and conversion times at 256 and 768 px for
@@ -23,15 +23,16 @@ import sentencepiece as spm
 import torch
 
 from exporters import litert
-from exporters.encoders import (AudioEncoder, audio_window_inputs, golden_audio, golden_image, golden_media,
+from models.encoders import (AudioEncoder, audio_window_inputs, golden_audio, golden_image, golden_media,
                                 media_token_embeddings)
 from exporters.spec import ENCODER_QUANT_SCHEMES, ExportSpec
 from models.default import default_gemma3n
 from models.errors import InputError
 from models.generate import prefill_and_decode_embeddings
-from runtime_py.executors.encoders import TorchEncoders
-from runtime_py.executors.litert_executor import (LiteRtEncoders, LiteRtExecutor, LitertLmSession,
-                                                  litertlm_section_list)
+from contract.bundle import LITERTLM_FILE
+from runtime_py.executors.litert_executor import LiteRtEncoders, LiteRtExecutor, litertlm_section_list
+from runtime_py.executors.torch_executor import TorchEncoders
+from runtime_py.litertlm_session import LitertLmSession
 
 TOKENIZER = Path("models/assets/tokenizer.model")
 CACHE_LEN, PREFILL_LEN, SIZE = 320, 16, 256
@@ -48,8 +49,8 @@ def whole_spec(**changes) -> ExportSpec:
 
 
 @pytest.fixture(scope="module")
-def model():
-    return default_gemma3n()
+def model(default_gemma3n):
+    return default_gemma3n
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,6 @@ def exported(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def golden(model):
     return {k: v.numpy() for k, v in golden_media(model, (SIZE,)).items()}
-
-
-def manifest(spec: ExportSpec) -> dict:
-    return {"export_spec": spec.as_dict()}
 
 
 def errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
@@ -191,7 +188,7 @@ def conv_weight_types(path: Path) -> dict[str, set[str]]:
 
 def test_float_encoders_match_the_torch_encoders(exported, model, golden):
     spec, path = exported
-    ours, torch_ref = LiteRtEncoders(path.parent, manifest(spec), 2), TorchEncoders(model, (SIZE,))
+    ours, torch_ref = LiteRtEncoders(path.parent / LITERTLM_FILE, spec.components), TorchEncoders(model, (SIZE,))
     assert (ours.image_sizes, ours.has_vision, ours.has_audio) == ((SIZE,), True, True)
     pixels = golden[f"pixel_values_{SIZE}"]
     image_error, image_cos = errors(ours.image(pixels), torch_ref.image(pixels))
@@ -226,7 +223,7 @@ def test_int8_weight_only_encoders_keep_the_embeddings(exported, model, golden, 
         assert types and all(t == {"INT8"} for t in types.values()), (name, types)
     assert set(conv_weight_types(tmp_path / litert.VISION_ENCODER_FILE)) == {"CONV_2D", "DEPTHWISE_CONV_2D"}
 
-    ours, torch_ref = LiteRtEncoders(tmp_path, manifest(spec), 2), TorchEncoders(model, (SIZE,))
+    ours, torch_ref = LiteRtEncoders(tmp_path / LITERTLM_FILE, spec.components), TorchEncoders(model, (SIZE,))
     pixels = golden[f"pixel_values_{SIZE}"]
     audio_args = golden["audio_features"], golden["audio_padding_mask"]
     image_error, image_cos = errors(ours.image(pixels), torch_ref.image(pixels))
@@ -239,7 +236,7 @@ def test_int8_weight_only_encoders_keep_the_embeddings(exported, model, golden, 
 
 def test_bad_inputs_name_what_the_bundle_has(exported, model, golden, tmp_path):
     spec, path = exported
-    ours = LiteRtEncoders(path.parent, manifest(spec), 2)
+    ours = LiteRtEncoders(path.parent / LITERTLM_FILE, spec.components)
     with pytest.raises(InputError, match="no vision encoder for 512 px .*has 256"):
         ours.image(np.zeros((1, 3, 512, 512), np.float32))
     with pytest.raises(InputError, match=r"expected \[1, 3, S, S\]"):
@@ -249,8 +246,8 @@ def test_bad_inputs_name_what_the_bundle_has(exported, model, golden, tmp_path):
     # A file without encoder sections whose manifest claims them.
     text_only = repack(path.parent, tmp_path, [], model, whole_spec(components=("decoder",)))
     with pytest.raises(InputError, match="lists the vision encoder but the file has no vision"):
-        LiteRtEncoders(text_only.parent, manifest(spec), 2)
-    bare = LiteRtEncoders(text_only.parent, {"export_spec": {"components": ["decoder"]}}, 2)
+        LiteRtEncoders(text_only.parent / LITERTLM_FILE, spec.components)
+    bare = LiteRtEncoders(text_only.parent / LITERTLM_FILE, ("decoder",))
     assert (bare.has_vision, bare.has_audio, bare.image_sizes) == (False, False, ())
     with pytest.raises(InputError, match="no audio encoder"):
         bare.audio(golden["audio_features"], golden["audio_padding_mask"])
@@ -405,7 +402,7 @@ def test_two_image_sizes_and_int8_at_768(exported, model, tmp_path):
     assert litertlm_metadata(tmp_path / litert.LITERTLM_FILE).llm_model_type.gemma3n.image_tensor_height == 768
 
     media = {k: v.numpy() for k, v in golden_media(model, (768, 256)).items()}
-    ours = LiteRtEncoders(tmp_path, manifest(two), 2)
+    ours = LiteRtEncoders(tmp_path / LITERTLM_FILE, two.components)
     assert ours.image_sizes == (768, 256)
     for size in (768, 256):
         error, cos = errors(ours.image(media[f"pixel_values_{size}"]), media[f"image_embeddings_{size}"])
@@ -419,7 +416,7 @@ def test_two_image_sizes_and_int8_at_768(exported, model, tmp_path):
     for name, _ in files:
         litert.quantize(tmp_path / name, ENCODER_QUANT_SCHEMES["litert"]["int8-weight-only"])
     repack(path.parent, tmp_path, files, model, two)
-    int8 = LiteRtEncoders(tmp_path, manifest(two), 2)
+    int8 = LiteRtEncoders(tmp_path / LITERTLM_FILE, two.components)
     _, cos = errors(int8.image(media["pixel_values_768"]), media["image_embeddings_768"])
     assert cos >= 0.99, cos
 
@@ -458,7 +455,7 @@ def measure(out: Path, sizes: tuple[int, ...] = (768, 256)) -> None:
                     litert.quantize(folder / name, recipe)
             print(f"{scheme}: quantized in {time.perf_counter() - t0:.1f} s")
             repack(out / "float", folder, files, model, spec)
-        encoders = LiteRtEncoders(folder, manifest(spec), 2)
+        encoders = LiteRtEncoders(folder / LITERTLM_FILE, spec.components)
         for size in sizes:
             error, cos = errors(encoders.image(media[f"pixel_values_{size}"]), media[f"image_embeddings_{size}"])
             print(f"{scheme:17s} vision {size:3d}px  max abs {error:.3g}  cosine {cos:.6f}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_error_line
 
 from models.errors import G3nError, InputError
 from runtime_py.harness import android, apple, history, numerics, parsers
@@ -40,8 +41,7 @@ def _main(*argv) -> int:
 
 
 def _one_error(capsys, code, fragment):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert_one_error_line(code, capsys.readouterr().err, fragment)
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +323,7 @@ def _runners(tmp_path, names):
 
 
 def _job(bundles, tmp_path, target, backend, names):
-    from runtime_py.manifest import verify_bundle
+    from contract.bundle import verify_bundle
 
     bundle = bundles / target
     return android.AndroidJob(bundle=bundle, manifest=verify_bundle(bundle), serial=SERIAL, backend=backend,
@@ -540,7 +540,7 @@ def test_devicectl_command_lines(tmp_path):
 
 @pytest.mark.skipif(android.tensor_sdk_status()[0], reason="checks the message given when the Tensor SDK is absent")
 def test_npu_without_the_tensor_sdk(bundles, tmp_path):
-    from runtime_py.manifest import verify_bundle
+    from contract.bundle import verify_bundle
 
     lines = android.npu_notes(verify_bundle(bundles / "android"))
     assert lines[0].startswith("Tensor NPU: Google's Tensor SDK is not installed") and "\n" not in lines[0]

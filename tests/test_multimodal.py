@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import InputError, load_pretrained, save_pretrained
+from models import InputError, load_pretrained
 from models.checkpoint import gemma3n_hf_name
 from models.multimodal import Gemma3n, expand_media_placeholders
 from models.parity import compare_multimodal_with_transformers
@@ -25,13 +25,6 @@ def test_the_whole_checkpoint_loads_into_our_model(ours, tiny_multimodal_checkpo
     state = ours.state_dict()
     assert {gemma3n_hf_name(k) for k in state} == set(stored) - {"lm_head.weight"}
     assert all(torch.equal(v, stored[gemma3n_hf_name(k)]) for k, v in state.items())
-
-
-def test_save_writes_every_tensor_back(ours, tiny_multimodal_checkpoint, tmp_path):
-    save_pretrained(ours, tmp_path / "saved")
-    before, after = load_file(tiny_multimodal_checkpoint / "model.safetensors"), load_file(tmp_path / "saved" / "model.safetensors")
-    assert sorted(after) == sorted(k for k in before if k != "lm_head.weight")
-    assert all(torch.equal(before[k], after[k]) for k in after)
 
 
 def test_prompt_with_an_image_and_audio_matches_transformers(tiny_multimodal_checkpoint):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.encoders import audio_window_inputs, golden_audio, golden_image
+from models.encoders import audio_window_inputs, golden_audio, golden_image
 from models.audio import SAMPLE_RATE
 from models.default import default_gemma3n, default_model
 from models.errors import InputError
@@ -28,8 +28,8 @@ CACHE_LEN, PREFILL, SIZE = 512, (64,), 256  # one image (262 tokens) and one aud
 
 
 @pytest.fixture(scope="module")
-def model():
-    return default_gemma3n()
+def model(default_gemma3n):
+    return default_gemma3n
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_every_float_backend_gives_the_torch_tokens(multimodal_bundles, target, 
 def test_bundle_manifest_lists_the_encoders(multimodal_bundles, model):
     from safetensors.torch import load_file
 
-    from exporters.encoders import golden_media
+    from models.encoders import golden_media
 
     for target in ("android", "executorch"):
         folder = multimodal_bundles / target

@@ -7,7 +7,7 @@ import torch
 from exporters.ple import write_ple_asset, write_ple_table
 from models.default import default_model
 from models.errors import InputError
-from runtime_py.ple import PleTable
+from contract.ple import PleTable
 
 # int8 with per-row scales: each value is off by at most half a step, scale / 2 = max|row| / 254, times sqrt(P).
 INT8_REL_TOL = 1 / 254

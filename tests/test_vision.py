@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.default import randomise_
+from models.random_init import randomise_
 from models.errors import CheckpointError, InputError
 from models.hf_reference import TEST_VISION_ARGS
 from models.vision import ARCHITECTURE, MobileNetV5, VisionConfig, preprocess_images

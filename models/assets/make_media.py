@@ -1,6 +1,6 @@
 """Writes models/assets/sample.png and sample.wav: the fixed media of `make run` and of the bundles' golden media.
 
-Run `python models/assets/make_media.py`. Both are exporters.encoders' golden inputs, so they only change when
+Run `python models/assets/make_media.py`. Both are models.encoders' golden inputs, so they only change when
 golden_image() or golden_audio() does: sample.png is golden_image() (600x400 RGB, lossless PNG) and sample.wav is
 golden_audio() (2.5 s, 16 kHz mono) as 16-bit PCM, which reads back within 1/32768 of the float clip.
 """
@@ -15,7 +15,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from exporters.encoders import golden_audio, golden_image  # noqa: E402
+from models.encoders import golden_audio, golden_image  # noqa: E402
 from models.audio import SAMPLE_RATE  # noqa: E402
 
 IMAGE, AUDIO = Path(__file__).with_name("sample.png"), Path(__file__).with_name("sample.wav")

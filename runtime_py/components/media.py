@@ -88,7 +88,7 @@ def preprocess_images(frames: list, size: int) -> list[np.ndarray]:
 
 def preprocess_audio(clips: list) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
     """Each clip (path or array) -> its 30 s windows as the exported encoder's inputs; and the window count per clip."""
-    from exporters.encoders import audio_window_inputs
+    from models.encoders import audio_window_inputs
     from models.audio import audio_windows, load_audio
 
     windows, counts = [], []
@@ -123,7 +123,7 @@ def media_prompt_ids(text: str, tokenizer, bos_id: int, tokens: MediaTokens, win
     return ids + tokenizer.encode(texts[-1])
 
 
-def _media_items(messages: list, images: list, audio: list) -> list:
+def media_items(messages: list, images: list, audio: list) -> list:
     """A conversation whose image/audio items all carry their media: items without it ({"type": "image"}) take the
     next of `images` / `audio`; a video (a list of frames) becomes one image item per frame."""
     given = {"image": list(images), "audio": list(audio)}
@@ -163,7 +163,7 @@ def build_media_prompt(prompt, tokenizer, bos_id: int, tokens: MediaTokens, imag
                    + [{"type": "text", "text": prompt}])
         prompt = [{"role": "user", "content": content}]
     else:
-        prompt = _media_items(prompt, as_list(images), clips)  # a video stays whole until its item is found
+        prompt = media_items(prompt, as_list(images), clips)  # a video stays whole until its item is found
     items = [item for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), list)
              for item in m["content"] if isinstance(item, dict)]
     frames = [item["image"] for item in items if item.get("type") == "image"]
@@ -176,7 +176,7 @@ def build_media_prompt(prompt, tokenizer, bos_id: int, tokens: MediaTokens, imag
 
 
 class MediaTokenRows:
-    """The embedders' hard-token rows (media_tokens.safetensors, exporters.encoders.media_token_embeddings): in a
+    """The embedders' hard-token rows (media_tokens.safetensors, models.encoders.media_token_embeddings): in a
     prompt with media, every id of the vision and audio vocabularies embeds as its row, in the prompt and when
     generated, as Gemma3n.embed_prompt embeds it."""
 
@@ -196,7 +196,7 @@ class MediaTokenRows:
 
     @classmethod
     def from_model(cls, model) -> "MediaTokenRows":
-        from exporters.encoders import media_token_embeddings
+        from models.encoders import media_token_embeddings
 
         return cls({k: v.numpy() for k, v in media_token_embeddings(model).items()})
 
@@ -207,3 +207,10 @@ class MediaTokenRows:
             owned = (ids >= first) & (ids < first + len(rows))
             embeds[0, owned] = rows[ids[owned] - first]
         return embeds
+
+
+def has_media_items(prompt) -> bool:
+    return isinstance(prompt, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(item, dict) and item.get("type") in ("image", "audio") for item in m["content"])
+        for m in prompt)

@@ -1,48 +1,59 @@
-"""Executors: one per backend. An executor only runs graphs and owns the KV cache; everything else (tokenizer,
-template, sampling, stop detection, PLE rows) is shared above it in the session.
+"""Executors and encoder runners: one per backend (interfaces in runtime_py.executors.base), made here from a
+verified bundle's typed manifest (contract.bundle.BundleManifest)."""
 
-Interface (duck-typed):
-    cache_len: int
-    prefill_lengths: tuple[int, ...]        # the fixed prompt-chunk lengths its prefill graphs take
-    embed(ids: np.ndarray [T]) -> np.ndarray [1, T, H]            # token-embedding lookup
-    prefill(embeds [1,T,H], per_layer_rows [1,T,L,P], start: int) -> np.ndarray [V]   # last position's logits
-    decode(embeds [1,1,H], per_layer_rows [1,1,L,P], pos: int) -> np.ndarray [V]
-    reset() -> None                                                 # empty the KV cache
+from __future__ import annotations
 
-A bundle with encoders also gets an encoder runner per backend (runtime_py.executors.encoders: image(pixel_values),
-audio(features, padding_mask)); the session splices their outputs into the embeddings it hands to prefill.
-"""
+import sys
 
-BACKENDS = ("torch", "litert", "litertlm", "executorch", "coreml")
+from contract.bundle import BACKENDS, LITERTLM_FILE, PLE_ASSET_FILE, PTE_FILE, BundleManifest
+from models.errors import InputError
+
+__all__ = ["BACKENDS", "load_executor", "load_encoders"]
+
+NEEDS_MACOS = "the coreml backend needs macOS: coremltools cannot run Core ML models on Linux"
 
 
-def load_executor(backend: str, bundle, manifest: dict, threads: int = 2):
-    """(executor, per_layer_rows lookup) for a verified bundle."""
-    import sys
-    from pathlib import Path
-
-    from models.errors import InputError
-
-    bundle = Path(bundle)
-    spec = manifest["export_spec"]
-    cache_len, prefill_lengths = spec["cache_len"], tuple(spec["prefill_lengths"])
+def load_executor(backend: str, manifest: BundleManifest, threads: int = 2, compute_units: str | None = None):
+    """(executor, per_layer_rows lookup) for a verified bundle. compute_units: Core ML's (coreml only)."""
+    bundle, cache_len, prefill_lengths = manifest.folder, manifest.cache_len, manifest.prefill_lengths
     if backend == "litert":
         from runtime_py.executors.litert_executor import LiteRtExecutor
 
-        executor = LiteRtExecutor(bundle / "model.litertlm", cache_len, prefill_lengths, threads)
+        executor = LiteRtExecutor(bundle / LITERTLM_FILE, cache_len, prefill_lengths, threads)
         return executor, executor.per_layer_rows
     if backend == "executorch":
         from runtime_py.executors.executorch_executor import ExecuTorchExecutor
 
-        ptd = [bundle / f["path"] for f in manifest["files"] if f["path"].endswith(".ptd")]
-        executor = ExecuTorchExecutor(bundle / "model.pte", ptd[0], cache_len, prefill_lengths)
+        executor = ExecuTorchExecutor(bundle / PTE_FILE, manifest.ptd, cache_len, prefill_lengths)
         return executor, executor.per_layer_rows
     if backend == "coreml":
         if sys.platform != "darwin":
-            raise InputError("the coreml backend needs macOS: coremltools cannot run Core ML models on Linux")
+            raise InputError(NEEDS_MACOS)
+        from contract.ple import PleTable
         from runtime_py.executors.coreml_executor import CoreMLExecutor
-        from runtime_py.ple import PleTable
 
-        executor = CoreMLExecutor(bundle, cache_len, prefill_lengths)
-        return executor, PleTable(bundle / "per_layer_embeddings.safetensors").rows
+        executor = CoreMLExecutor(bundle, cache_len, prefill_lengths, compute_units)
+        return executor, PleTable(bundle / PLE_ASSET_FILE).rows
     raise InputError(f"--backend {backend}: not an executor backend")
+
+
+def load_encoders(backend: str, manifest: BundleManifest, threads: int = 2):
+    """The encoder runner of a verified bundle for `backend` (not torch: the engine builds TorchEncoders from the
+    reference model). None when the bundle has no encoders."""
+    if not manifest.has_encoders:
+        return None
+    if backend == "litert":
+        from runtime_py.executors.litert_executor import LiteRtEncoders
+
+        return LiteRtEncoders(manifest.file(LITERTLM_FILE), manifest.components, threads)
+    if backend == "executorch":
+        from runtime_py.executors.executorch_executor import ExecuTorchEncoders
+
+        return ExecuTorchEncoders(manifest.file(PTE_FILE), manifest.ptd, manifest.components, manifest.image_sizes)
+    if backend == "coreml":
+        if sys.platform != "darwin":
+            raise InputError(NEEDS_MACOS)
+        from runtime_py.executors.coreml_executor import CoreMLEncoders
+
+        return CoreMLEncoders(manifest.folder, manifest.components, manifest.image_sizes)
+    raise InputError(f"--backend {backend}: runs no encoders")

@@ -11,8 +11,18 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
+from contract.bundle import (
+    AUDIO_ENCODER,
+    AUDIO_PACKAGE,
+    COREML_PACKAGE,
+    DECODE,
+    EMBEDDINGS_FILE,
+    VISION_PACKAGE,
+    prefill_name,
+    vision_encoder_name,
+)
 from models.errors import InputError
-from runtime_py.executors.encoders import check_image_size
+from runtime_py.executors.base import check_image_size
 
 
 def coreml_can_predict() -> bool:
@@ -29,13 +39,16 @@ def coreml_can_predict() -> bool:
 class CoreMLExecutor:
     name = "coreml"
 
-    def __init__(self, bundle: Path, cache_len: int, prefill_lengths: tuple[int, ...]):
+    def __init__(self, bundle: Path, cache_len: int, prefill_lengths: tuple[int, ...],
+                 compute_units: str | None = None):
+        """compute_units: a coremltools ComputeUnit name (CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL); None: ALL."""
         import coremltools as ct
 
-        package = str(Path(bundle) / "model.mlpackage")
-        self.functions = {name: ct.models.MLModel(package, function_name=name)
-                          for name in [f"prefill_{t}" for t in prefill_lengths] + ["decode"]}
-        self.table = load_file(str(Path(bundle) / "embeddings.safetensors"))["weight"]
+        package = str(Path(bundle) / COREML_PACKAGE)
+        units = getattr(ct.ComputeUnit, compute_units or "ALL")
+        self.functions = {name: ct.models.MLModel(package, function_name=name, compute_units=units)
+                          for name in [prefill_name(t) for t in prefill_lengths] + [DECODE]}
+        self.table = load_file(str(Path(bundle) / EMBEDDINGS_FILE))["weight"]
         self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
         self.reset()
 
@@ -49,35 +62,32 @@ class CoreMLExecutor:
         return self.functions[function].predict(inputs, state=self.state)["logits"][0, -1].astype(np.float32)
 
     def prefill(self, embeds, rows, start: int) -> np.ndarray:
-        return self._run(f"prefill_{embeds.shape[1]}", embeds, rows, start)
+        return self._run(prefill_name(embeds.shape[1]), embeds, rows, start)
 
     def decode(self, embeds, rows, pos: int) -> np.ndarray:
-        return self._run("decode", embeds, rows, pos)
+        return self._run(DECODE, embeds, rows, pos)
 
     def reset(self) -> None:
-        self.state = self.functions["decode"].make_state()  # one state, shared by every function
+        self.state = self.functions[DECODE].make_state()  # one state, shared by every function
 
 
 class CoreMLEncoders:
     """The bundle's encoder packages (exporters.coreml): vision_encoder.mlpackage, one function vision_encoder_<S> per
-    image size, and audio_encoder.mlpackage. The interface of runtime_py.executors.encoders.
+    image size, and audio_encoder.mlpackage. The interface of runtime_py.executors.base.EncoderRunner.
 
     The bundle is checked on construction (packages and functions, read from their specs: that works anywhere); a
     function is loaded on its first use, since loading compiles the package, and running needs macOS. Core ML picks
-    its own threads and compute units (ALL), so `threads` is unused."""
+    its own threads and compute units (ALL)."""
 
     name = "coreml"
 
-    def __init__(self, bundle: Path, manifest: dict, threads: int = 2):
-        from exporters.coreml import AUDIO_FUNCTION, AUDIO_PACKAGE, VISION_PACKAGE, vision_function_name
-
-        spec = manifest.get("export_spec", {})
-        components = spec.get("components", ())
+    def __init__(self, bundle: Path, components: tuple[str, ...], image_sizes: tuple[int, ...]):
+        """components, image_sizes: what the bundle lists; each must be a package function."""
         self.has_vision, self.has_audio = "vision" in components, "audio" in components
-        self.image_sizes = tuple(spec.get("image_sizes", ())) if self.has_vision else ()
+        self.image_sizes = tuple(image_sizes) if self.has_vision else ()
         self.vision_package, self.audio_package = Path(bundle) / VISION_PACKAGE, Path(bundle) / AUDIO_PACKAGE
-        self.vision_functions = {size: vision_function_name(size) for size in self.image_sizes}
-        self.audio_function = AUDIO_FUNCTION
+        self.vision_functions = {size: vision_encoder_name(size) for size in self.image_sizes}
+        self.audio_function = AUDIO_ENCODER
         if self.has_vision:
             check_functions(self.vision_package, list(self.vision_functions.values()))
         if self.has_audio:

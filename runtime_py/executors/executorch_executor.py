@@ -9,10 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contract.bundle import (
+    AUDIO_ENCODER,
+    DECODE,
+    PER_LAYER_EMBEDDING,
+    PREFILL_PREFIX,
+    TOKEN_EMBEDDING,
+    prefill_name,
+    vision_encoder_name,
+)
 from models.errors import InputError
-from runtime_py.executors.encoders import check_image_size
+from runtime_py.executors.base import check_image_size
 
-VISION_METHOD, AUDIO_METHOD = "vision_encoder", "audio_encoder"  # as exporters.executorch names them
 
 
 def load_program(pte: Path, ptd: Path):
@@ -26,31 +34,23 @@ def load_program(pte: Path, ptd: Path):
         raise InputError(f"{pte}: ExecuTorch cannot load it ({e})") from None
 
 
-def bundle_ptd(bundle: Path, manifest: dict) -> Path:
-    """The .ptd that the manifest lists beside model.pte."""
-    ptd = [Path(bundle) / f["path"] for f in manifest.get("files", []) if f["path"].endswith(".ptd")]
-    if not ptd:
-        raise InputError(f"{Path(bundle) / 'manifest.json'}: lists no .ptd file beside model.pte")
-    return ptd[0]
-
-
 class ExecuTorchExecutor:
     name = "executorch"
 
     def __init__(self, pte: Path, ptd: Path, cache_len: int, prefill_lengths: tuple[int, ...]):
         program = load_program(pte, ptd)
         self.methods = {name: program.load_method(name) for name in program.method_names
-                        if name.startswith(("prefill_", "decode", "token_embedding", "per_layer_embedding"))}
+                        if name.startswith((PREFILL_PREFIX, DECODE, TOKEN_EMBEDDING, PER_LAYER_EMBEDDING))}
         self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
 
     def _ids(self, ids: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.methods["token_embedding"].execute([self._ids(ids)])[0].numpy()
+        return self.methods[TOKEN_EMBEDDING].execute([self._ids(ids)])[0].numpy()
 
     def per_layer_rows(self, ids: np.ndarray) -> np.ndarray:
-        return self.methods["per_layer_embedding"].execute([self._ids(ids)])[0][0].numpy()
+        return self.methods[PER_LAYER_EMBEDDING].execute([self._ids(ids)])[0][0].numpy()
 
     def _run(self, method: str, embeds, rows, start: int) -> np.ndarray:
         T = embeds.shape[1]
@@ -61,10 +61,10 @@ class ExecuTorchExecutor:
         return out[0][0, -1].numpy()
 
     def prefill(self, embeds, rows, start: int) -> np.ndarray:
-        return self._run(f"prefill_{embeds.shape[1]}", embeds, rows, start)
+        return self._run(prefill_name(embeds.shape[1]), embeds, rows, start)
 
     def decode(self, embeds, rows, pos: int) -> np.ndarray:
-        return self._run("decode", embeds, rows, pos)
+        return self._run(DECODE, embeds, rows, pos)
 
     def reset(self) -> None:
         """Nothing to clear: every position is written before any query reads it, and later slots are masked."""
@@ -72,26 +72,26 @@ class ExecuTorchExecutor:
 
 class ExecuTorchEncoders:
     """The encoder methods of a bundle's model.pte (vision_encoder_<S>, audio_encoder): the interface of
-    runtime_py.executors.encoders. Methods load on first use, each with its own planned activation memory.
-    `threads` is not applied: XNNPACK's thread pool is one per process, and each delegate keeps the pool it was
+    runtime_py.executors.base.EncoderRunner. Methods load on first use, each with its own planned activation memory.
+    It takes no thread count: XNNPACK's thread pool is one per process, and each delegate keeps the pool it was
     loaded with, so resizing it after the decoder's methods have loaded would leave them a freed pool."""
 
     name = "executorch"
 
-    def __init__(self, bundle: Path, manifest: dict, threads: int = 2):
-        self.pte = Path(bundle) / "model.pte"
-        self.program = load_program(self.pte, bundle_ptd(bundle, manifest))
-        spec = manifest.get("export_spec", {})
-        components, names = set(spec.get("components", [])), self.program.method_names
-        sizes = tuple(spec.get("image_sizes", ())) if "vision" in components else ()
-        missing = [m for m in [f"{VISION_METHOD}_{s}" for s in sizes] + [AUDIO_METHOD] * ("audio" in components)
+    def __init__(self, pte: Path, ptd: Path, components: tuple[str, ...], image_sizes: tuple[int, ...]):
+        """components, image_sizes: what the bundle lists; each must be a method of the program."""
+        self.pte = Path(pte)
+        self.program = load_program(self.pte, ptd)
+        components, names = set(components), self.program.method_names
+        sizes = tuple(image_sizes) if "vision" in components else ()
+        missing = [m for m in [vision_encoder_name(s) for s in sizes] + [AUDIO_ENCODER] * ("audio" in components)
                    if m not in names]
         if missing:
             raise InputError(f"{self.pte}: the manifest lists encoders the program lacks (no method "
                              f"{', '.join(missing)}; it has {', '.join(sorted(names))})")
         self.image_sizes, self.has_vision, self.has_audio = sizes, bool(sizes), "audio" in components
         if self.has_audio:  # the one window the method takes, [1, F, 128] and [1, F]
-            meta = self.program.metadata(AUDIO_METHOD)
+            meta = self.program.metadata(AUDIO_ENCODER)
             self.audio_shapes = tuple(tuple(meta.input_tensor_meta(i).sizes()) for i in range(2))
         self._methods: dict[str, object] = {}
 
@@ -105,7 +105,7 @@ class ExecuTorchEncoders:
             raise InputError(f"{self.pte}: the bundle has no vision encoder")
         size = check_image_size(pixel_values, self.image_sizes, str(self.pte))
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, np.float32))
-        return self._method(f"{VISION_METHOD}_{size}").execute([pixels])[0].numpy()
+        return self._method(vision_encoder_name(size)).execute([pixels])[0].numpy()
 
     def audio(self, features: np.ndarray, padding_mask: np.ndarray) -> np.ndarray:
         if not self.has_audio:
@@ -115,5 +115,5 @@ class ExecuTorchEncoders:
             raise InputError(f"audio features {list(features.shape)} and padding mask {list(padding_mask.shape)}: "
                              f"expected {expected} (one 30 s window)")
         inputs = [torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in (features, padding_mask)]
-        return self._method(AUDIO_METHOD).execute(inputs)[0].numpy()
+        return self._method(AUDIO_ENCODER).execute(inputs)[0].numpy()
 

@@ -48,35 +48,12 @@ def mac_compute_units(backend: str | None) -> list[str]:
     return [COMPUTE_UNITS[backend]]
 
 
-def coreml_session(bundle: Path, manifest: dict, compute_units: str):
-    """A Session over the ios bundle's .mlpackage loaded for `compute_units` (macOS only)."""
-    import coremltools as ct
-
-    from runtime_py.components.tokenizer import Tokenizer
-    from runtime_py.executors.coreml_executor import CoreMLExecutor
-    from runtime_py.ple import PleTable
-    from runtime_py.session import Session
+def coreml_session(bundle: Path, compute_units: str):
+    """A session on the ios bundle with its .mlpackage loaded for `compute_units` (macOS only)."""
+    from runtime_py.engine import open_bundle
 
     require_macos("mac", "coremltools predictions")
-    spec = manifest["export_spec"]
-
-    class ComputeUnitExecutor(CoreMLExecutor):
-        def __init__(self):
-            package = str(Path(bundle) / "model.mlpackage")
-            names = [f"prefill_{t}" for t in spec["prefill_lengths"]] + ["decode"]
-            self.functions = {name: ct.models.MLModel(package, function_name=name,
-                                                      compute_units=getattr(ct.ComputeUnit, compute_units))
-                              for name in names}
-            from safetensors.numpy import load_file
-
-            self.table = load_file(str(Path(bundle) / "embeddings.safetensors"))["weight"]
-            self.cache_len, self.prefill_lengths = spec["cache_len"], tuple(spec["prefill_lengths"])
-            self.reset()
-
-    executor = ComputeUnitExecutor()
-    tok = manifest["tokenizer"]
-    return Session(executor, Tokenizer(bundle / tok["file"]), PleTable(bundle / "per_layer_embeddings.safetensors").rows,
-                   tok["bos_id"], tok["stop_ids"], manifest["model"]["config"]["vocab_size"])
+    return open_bundle(bundle, "coreml", compute_units=compute_units)
 
 
 def compute_plan_placement(bundle: Path, manifest: dict, compute_units: str | None) -> dict:

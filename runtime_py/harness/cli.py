@@ -83,7 +83,7 @@ def parse_device(text: str) -> tuple[str, str | None]:
 
 def find_bundles(path: Path) -> list[tuple[Path, dict]]:
     """(folder, verified manifest) of the bundle at `path`, or of every bundle folder directly under it."""
-    from runtime_py.manifest import MANIFEST, verify_bundle
+    from contract.bundle import MANIFEST, verify_bundle
 
     path = Path(path)
     if not path.is_dir():

@@ -117,7 +117,7 @@ def _proc_status_mb(key: str) -> float | None:
 
 
 def measure(job: dict) -> dict:
-    from runtime_py.manifest import verify_bundle
+    from contract.bundle import verify_bundle
 
     bundle, backend, settings = Path(job["bundle"]), job["backend"], job["settings"]
     manifest = verify_bundle(bundle)
@@ -156,7 +156,7 @@ def _measure_session(bundle: Path, manifest: dict, backend: str, settings: dict,
     if backend == "coreml":
         from runtime_py.harness.apple import coreml_session
 
-        session = coreml_session(bundle, manifest, settings["compute_units"])
+        session = coreml_session(bundle, settings["compute_units"])
     else:
         from runtime_py.engine import open_bundle
 
@@ -189,12 +189,12 @@ def measure_session(session, load_s: float, bundle: Path, manifest: dict, backen
 
 
 def measure_encoders(runner, bundle: Path, manifest: dict, settings: dict) -> dict:
-    """Vision images/s and the audio real-time factor of a session's encoder runner (runtime_py.executors.encoders)
+    """Vision images/s and the audio real-time factor of a session's encoder runner (runtime_py.executors.base.EncoderRunner)
     on the bundle's golden media: `warmup` untimed and `iterations` timed calls per input. Images/s is 1 / the median
     call at each of the bundle's image sizes, `value` at the default (the first); the real-time factor is the median
     call's seconds per second of audio of one 30 s window (the log-mel features are the golden ones: their
     extraction is not timed)."""
-    from exporters.encoders import AUDIO_WINDOW_SAMPLES
+    from contract.bundle import AUDIO_WINDOW_SAMPLES
     from models.audio import SAMPLE_RATE
     from runtime_py.compare import golden_media_inputs
 
@@ -259,7 +259,7 @@ def _measure_litertlm(bundle: Path, manifest: dict, settings: dict, thresholds) 
     from runtime_py import compare
     from runtime_py.components.chat_template import render
     from runtime_py.components.tokenizer import Tokenizer
-    from runtime_py.session import Timing
+    from runtime_py.components.timing import Timing
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     cache_dir = Path(tempfile.gettempdir()) / "g3n-litert-lm-cache"  # never inside the bundle

@@ -1,4 +1,4 @@
-"""The audio and vision encoders as every target lowers them: fixed-shape modules over models.multimodal.Gemma3n.
+"""The audio and vision encoders as every target lowers them and the runtime's torch backend runs them: fixed-shape modules over models.multimodal.Gemma3n.
 
 Each encoder is split the way LiteRT-LM splits it, an encoder (the tower) and an adapter (the multimodal embedder
 into the text width), and the two compose into the whole path that ExecuTorch and Core ML lower as one graph:
@@ -21,12 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.audio import SAMPLE_RATE, log_mel_features
+from models.audio import AUDIO_WINDOW_FRAMES, AUDIO_WINDOW_SAMPLES, SAMPLE_RATE, log_mel_features
 from models.multimodal import Gemma3n
 from models.vision import preprocess_images
 
-AUDIO_WINDOW_SAMPLES = 480_000  # 30 s at 16 kHz: the one shape the exported audio encoder takes
-AUDIO_WINDOW_FRAMES = 2997  # log-mel frames of one window (hop 160, frame 513)
 COMPONENTS = ("vision", "audio")
 
 
@@ -172,16 +170,3 @@ def golden_media(model: Gemma3n, image_sizes: tuple[int, ...]) -> dict[str, Tens
     tensors["audio_embeddings"] = AudioEmbedder(model).eval()(tensors["audio_features"],
                                                               tensors["audio_padding_mask"]).contiguous()
     return tensors
-
-
-def split_model(model, spec) -> tuple:
-    """(text decoder, whole model or None) of a TextDecoder or Gemma3n; a spec asking for encoders needs the whole
-    model."""
-    from models.errors import InputError
-
-    if isinstance(model, Gemma3n):
-        return model.language_model, model
-    if spec.encoders:
-        raise InputError(f"components {list(spec.encoders)}: a text-only checkpoint has no encoders "
-                         "(a Gemma3nForConditionalGeneration checkpoint has)")
-    return model, None

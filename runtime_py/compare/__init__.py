@@ -20,14 +20,14 @@ Components: the decoder's prefill and decode, and, for bundles that carry them, 
 with its adapter into the text width, as the bundle lowers them). The encoders run the bundle's golden media
 (golden_media.safetensors: the fixed image preprocessed to each of the bundle's image sizes, the fixed clip as one
 30 s window of log-mel features) on the backend and on the float PyTorch encoders of the bundle's reference model
-(runtime_py.executors.encoders.TorchEncoders); per image size and for the audio window:
+(runtime_py.executors.torch_executor.TorchEncoders); per image size and for the audio window:
     max_abs, mean_abs   |embedding error|: the largest, and the mean over every element of the [1, N, H] output
     cosine              cosine similarity of the whole output, flattened
 A row's vision limits hold at every image size. litertlm runs the same .litertlm sections as litert and returns text
 only, so the litert rows stand for its encoders. A component no compared bundle carries is reported "not in bundle".
 
 Thresholds (ci/thresholds.json) hold a limit per cell (backend/quant), component and metric; a row past any limit
-fails, and its first divergent stage is found from a debug export (exporters.debug): every stage (token embedding, PLE
+fails, and its first divergent stage is found from a debug export (runtime_py.compare.debug_export): every stage (token embedding, PLE
 rows, each decoder layer's output streams, the logits) is compared with the float model's, and the first stage whose
 relative error exceeds its limit is named.
 """
@@ -46,7 +46,7 @@ import numpy as np
 from models.errors import InputError
 
 SCHEMA = "g3n-compare/1"
-DEFAULT_THRESHOLDS = Path(__file__).resolve().parents[1] / "ci" / "thresholds.json"
+DEFAULT_THRESHOLDS = Path(__file__).resolve().parents[2] / "ci" / "thresholds.json"
 DEFAULT_STEPS = 16
 COMPONENTS = {
     "decoder.prefill": "last-position logits of the prompt's prefill",
@@ -68,7 +68,7 @@ STAGES_KEY = "stages"  # the cell's per-stage relative-error limits for localisa
 DEFAULT_STAGE_LIMIT = 1e-3  # relative error of a stage when a cell names no limit for it
 # Bundle target -> the backends that run it, in report order.
 TARGET_BACKENDS = {"android": ("litert", "litertlm"), "executorch": ("executorch",), "ios": ("coreml",)}
-# Backends whose graphs have a debug export (exporters.debug); litertlm runs the litert graphs.
+# Backends whose graphs have a debug export (runtime_py.compare.debug_export); litertlm runs the litert graphs.
 DEBUGGABLE = ("litert", "litertlm", "executorch")
 LITERTLM_NOTE = ("litertlm is Google's LiteRT-LM engine, which returns text only: for it greedy-token agreement alone is "
                  "measured (its greedy text against the float model's detokenized greedy tokens).")
@@ -220,7 +220,7 @@ class FloatReference:
     embedders' rows (embed_as_whole_model); the decoder is traced either way."""
 
     def __init__(self, model):
-        from exporters.debug import FloatLookups
+        from runtime_py.compare.debug_export import FloatLookups
         from runtime_py.components.media import MediaTokenRows
 
         whole = model if hasattr(model, "language_model") else None
@@ -233,7 +233,7 @@ class FloatReference:
         return embed_as_whole_model(self.lookups, ids, self.media_rows)
 
     def trace(self, prompt_ids: list[int], steps: int, cache_len: int, prefill_lengths) -> tuple[Trace, list[int]]:
-        from exporters.debug import tapped_layers
+        from runtime_py.compare.debug_export import tapped_layers
         from runtime_py.executors.torch_executor import TorchExecutor
 
         key = (tuple(prompt_ids), steps, cache_len, tuple(prefill_lengths))
@@ -255,7 +255,7 @@ class EncoderReference:
     computed once however many bundles and backends are compared with it."""
 
     def __init__(self, model):
-        from runtime_py.executors.encoders import TorchEncoders
+        from runtime_py.executors.torch_executor import TorchEncoders
 
         self.encoders = TorchEncoders(model)
         self._outputs: dict = {}
@@ -416,7 +416,7 @@ def first_divergent(errors: list[tuple[str, float]], limits: dict) -> dict | Non
 
 def localise(reference: FloatReference, debug_executor, prompt_ids: list[int], steps: int, forced_tokens: list[int],
              limits: dict, lookup_errors: dict[str, float] | None = None, media_rows=None) -> dict:
-    """Runs a debug export (exporters.debug.open_debug) over the comparison inputs next to the float model and names
+    """Runs a debug export (runtime_py.compare.debug_export.open_debug) over the comparison inputs next to the float model and names
     the first stage whose relative error exceeds its limit. media_rows: the bundle's, for a whole model's bundle."""
     ref_trace, _ = reference.trace(prompt_ids, steps, debug_executor.cache_len, debug_executor.prefill_lengths)
     debug_trace, _ = run_trace(debug_executor, debug_executor.per_layer_rows, prompt_ids, steps, forced_tokens,
@@ -494,7 +494,7 @@ def skip_reason(backend: str) -> str:
 
 def planned_cells(bundles: list[Path]) -> list[tuple[Path, dict, str]]:
     """(bundle, manifest, backend) for every row the bundles give, manifests verified first."""
-    from runtime_py.manifest import verify_bundle
+    from contract.bundle import verify_bundle
 
     planned = []
     for bundle in bundles:
@@ -515,8 +515,7 @@ def check_cells_present(cells: list[str], thresholds: dict) -> None:
 def run_comparison(job: Comparison) -> dict:
     """Runs every row and returns the report (see write_report); rows past their limits are localised."""
     from runtime_py.components.tokenizer import Tokenizer
-    from runtime_py.engine import reference_model
-    from runtime_py.executors import load_executor
+    from runtime_py.engine import open_bundle, reference_model
 
     planned = planned_cells(job.bundles)
     if job.enforce:
@@ -567,7 +566,8 @@ def run_comparison(job: Comparison) -> dict:
             row.metrics = {"decoder.decode": litertlm_greedy(bundle, manifest, tokenizer, job.prompt, ref_tokens,
                                                              manifest["tokenizer"]["stop_ids"], job.threads)}
         else:
-            executor, per_layer_rows = load_executor(backend, bundle, manifest, job.threads)
+            session = open_bundle(bundle, backend, job.threads)
+            executor, per_layer_rows = session.executor, session.per_layer_rows
             trace, _ = run_trace(executor, per_layer_rows, prompt_ids, job.steps, ref_tokens[:-1],
                                  media_rows=media_rows)
             row.metrics = decoder_metrics(ref_trace.logits, trace.logits)
@@ -576,11 +576,9 @@ def run_comparison(job: Comparison) -> dict:
         row.breaches = check_cell(row.cell, row.metrics, limits)
         decoder_breached = bool(row.breaches)
         if has_encoders and backend in ENCODER_BACKENDS:
-            from runtime_py.executors.encoders import load_encoders
-
             job.progress(f"{row.cell}: encoders")
             row.encoder_scheme = manifest["encoders"]["quantization"]["scheme"]
-            row.encoders = encoder_entries(load_encoders(backend, bundle, manifest, job.threads),
+            row.encoders = encoder_entries(session.encoders,
                                            encoder_references[ref_key], golden_media_inputs(bundle, manifest))
             row.breaches += check_encoders(row.cell, row.encoders, limits)
         row.status = "fail" if row.breaches else "pass"
@@ -590,7 +588,8 @@ def run_comparison(job: Comparison) -> dict:
             row.reason = f"not localised: no debug export for {backend} yet"
         elif wanted:
             if lookups is None:  # litertlm: the same .litertlm's lookups, run by ai_edge_litert
-                executor, per_layer_rows = load_executor("litert", bundle, manifest, job.threads)
+                session = open_bundle(bundle, "litert", job.threads)
+                executor, per_layer_rows = session.executor, session.per_layer_rows
                 lookups = lookup_errors(executor, per_layer_rows, reference, prompt_ids + ref_tokens[:-1], media_rows)
             job.progress(f"{row.cell}: localising (debug export)")
             row.localisation = localise_bundle(job, bundle, manifest, backend, reference, prompt_ids, ref_tokens,
@@ -614,7 +613,7 @@ def run_comparison(job: Comparison) -> dict:
 def encoder_notes(planned) -> list[str]:
     """Lines for the report on bundles without encoders beside bundles of the same target with them (g3n compare
     builds each encoder lowering once: encoder_builds)."""
-    from exporters.bundle import ENCODER_QUANT_LEVELS, TARGETS
+    from runtime_py.bundle import ENCODER_QUANT_LEVELS, TARGETS
 
     bundles = {str(bundle): manifest for bundle, manifest, _ in planned}
     with_encoders = [m for m in bundles.values() if m.get("encoders")]
@@ -685,9 +684,9 @@ def build_for_comparison(checkpoint: Path | None, out: Path, builds: list[tuple[
 
 def encoder_builds(builds: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
     """Per (quant level, target): whether its bundle carries the encoders. A level whose encoders take the scheme of
-    an earlier level of the same target (int4's are int8's: exporters.bundle.ENCODER_QUANT_LEVELS) is built without
+    an earlier level of the same target (int4's are int8's: runtime_py.bundle.ENCODER_QUANT_LEVELS) is built without
     them: the same lowering would be compared twice, at minutes of conversion each."""
-    from exporters.bundle import ENCODER_QUANT_LEVELS, TARGETS
+    from runtime_py.bundle import ENCODER_QUANT_LEVELS, TARGETS
 
     seen, out = set(), {}
     for level, target in builds:
@@ -701,7 +700,7 @@ def _build_one(checkpoint, out, target, level, tokenizer, cache_len, prefill_len
                encoders: bool = True) -> None:
     import torch
 
-    from exporters.bundle import build_bundles
+    from runtime_py.bundle import build_bundles
     from models.checkpoint import load_pretrained
     from models.default import default_gemma3n
 
@@ -715,7 +714,7 @@ def _build_one(checkpoint, out, target, level, tokenizer, cache_len, prefill_len
 
 
 def _row_order(row: Row) -> tuple:
-    from exporters.bundle import QUANT_LEVELS
+    from runtime_py.bundle import QUANT_LEVELS
 
     backends = [b for bs in TARGET_BACKENDS.values() for b in bs]
     levels = list(QUANT_LEVELS)
@@ -739,7 +738,7 @@ def localise_bundle(job: Comparison, bundle: Path, manifest: dict, backend: str,
     runs it, and names the first divergent stage."""
     import tempfile
 
-    from exporters.debug import export_debug, open_debug
+    from runtime_py.compare.debug_export import export_debug, open_debug
     from exporters.spec import ExportSpec
 
     spec_dict = dict(manifest["export_spec"])

@@ -25,13 +25,30 @@ whole model.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
+import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 
+from contract.bundle import (
+    CHAT_TEMPLATE_FILE,
+    EMBEDDINGS_FILE,
+    GOLDEN_FILE,
+    GOLDEN_MEDIA_FILE,
+    MANIFEST,
+    MEDIA_TOKENS_FILE,
+    REFERENCE_DIR,
+    SCHEMA_VERSION,
+    TARGET_RUNTIMES,
+    file_entries,
+)
 from exporters import export
 from exporters.spec import ExportSpec
 from models.accounting import count_checkpoint, count_config
@@ -44,9 +61,8 @@ from models.text import TextDecoder
 from runtime_py.components.chat_template import JINJA, render
 from runtime_py.components.stop import stop_ids_for
 from runtime_py.components.tokenizer import Tokenizer
-from runtime_py.manifest import MANIFEST, SCHEMA_VERSION, file_entries
 
-TARGETS = {"android": "litert", "ios": "coreml", "executorch": "executorch"}
+TARGETS = TARGET_RUNTIMES  # bundle target -> exporter target
 # `--quant` levels and the scheme each target uses for them.
 QUANT_LEVELS = {
     "none": {"litert": "none", "executorch": "none", "coreml": "none"},
@@ -90,7 +106,7 @@ def golden_vectors(model: TextDecoder | Gemma3n, tokenizer: Tokenizer) -> tuple[
         "decode_logits": torch.cat(steps).contiguous(),
         "greedy_tokens": torch.tensor(tokens),
     }
-    summary = {"file": "golden.safetensors", "prompt": GOLDEN_PROMPT, "prompt_ids": ids, "greedy_tokens": tokens,
+    summary = {"file": GOLDEN_FILE, "prompt": GOLDEN_PROMPT, "prompt_ids": ids, "greedy_tokens": tokens,
                "decode_steps": GOLDEN_STEPS, "dtype": "float32"}
     return summary, tensors
 
@@ -131,17 +147,17 @@ def _write_target(target: str, folder: Path, model: TextDecoder | Gemma3n, spec:
         export(model, spec, folder)
     (folder / "export.json").unlink()  # its content moves into the manifest
     if target == "ios":
-        save_file(_token_embeddings(decoder), folder / "embeddings.safetensors", metadata={"scaled": "sqrt(hidden)"})
+        save_file(_token_embeddings(decoder), folder / EMBEDDINGS_FILE, metadata={"scaled": "sqrt(hidden)"})
     # Android apps read the tokenizer inside the .litertlm; the copy serves host-side runtimes.
     shutil.copyfile(tokenizer.path, folder / tokenizer.path.name)
-    (folder / "chat_template.jinja").write_text(JINJA)
+    (folder / CHAT_TEMPLATE_FILE).write_text(JINJA)
 
 
 def _encoders_entry(model: Gemma3n, spec: ExportSpec, golden_media: dict[str, torch.Tensor]) -> dict:
     """The manifest's account of the encoders: what each takes and gives, the media ids, the golden media."""
     from dataclasses import asdict
 
-    from exporters.encoders import AUDIO_WINDOW_FRAMES, AUDIO_WINDOW_SAMPLES
+    from contract.bundle import AUDIO_WINDOW_FRAMES, AUDIO_WINDOW_SAMPLES
     from models.audio import SAMPLE_RATE
 
     h, tokens = model.config.text.hidden_size, model.config.tokens
@@ -162,14 +178,14 @@ def _encoders_entry(model: Gemma3n, spec: ExportSpec, golden_media: dict[str, to
         },
         "media_tokens": asdict(tokens),
         "media_token_embeddings": {
-            "file": "media_tokens.safetensors",
+            "file": MEDIA_TOKENS_FILE,
             "vision": {"first_id": model.embed_vision.vocab_offset, "rows": model.embed_vision.vocab_size},
             "audio": {"first_id": model.embed_audio.vocab_offset, "rows": model.embed_audio.vocab_size},
         },
         "golden_media": {
-            "file": "golden_media.safetensors",
-            "image": "exporters.encoders.golden_image(): 600x400 RGB uint8",
-            "audio": f"exporters.encoders.golden_audio(): {golden_media['audio_waveform'].numel()} samples at "
+            "file": GOLDEN_MEDIA_FILE,
+            "image": "models.encoders.golden_image(): 600x400 RGB uint8",
+            "audio": f"models.encoders.golden_audio(): {golden_media['audio_waveform'].numel()} samples at "
                      f"{SAMPLE_RATE} Hz",
             "tensors": {k: list(v.shape) for k, v in sorted(golden_media.items())},
         },
@@ -188,10 +204,14 @@ def build_bundles(
     make_zip: bool = False,
     progress=lambda message: None,
     image_sizes: tuple[int, ...] = (768,),
+    jobs: int = 1,
+    log: Path | None = None,
 ) -> Path:
     """model: a TextDecoder (text-only bundles) or a whole Gemma3n (the encoders too, at `image_sizes`).
-    cache_len: by default TEXT_CACHE_LEN, or for a whole model MULTIMODAL_CACHE_LEN capped at its maximum positions."""
-    from exporters.encoders import golden_media, media_token_embeddings
+    cache_len: by default TEXT_CACHE_LEN, or for a whole model MULTIMODAL_CACHE_LEN capped at its maximum positions.
+    jobs: targets lowered at once, each in a process of its own (see lower_targets). log: where the converters'
+    output goes (appended); None leaves it on this process's stdout and stderr. progress: one call per step."""
+    from models.encoders import golden_media, media_token_embeddings
     from runtime_py.engine import DEFAULT_TOKENIZER
 
     unknown = [t for t in targets if t not in TARGETS]
@@ -215,21 +235,20 @@ def build_bundles(
                                 image_sizes=tuple(image_sizes),
                                 encoder_quant=ENCODER_QUANT_LEVELS[quant][TARGETS[target]] if whole else "none")
              for target in targets}
+    progress("golden vectors and media (the float model)")
     golden, golden_tensors = golden_vectors(whole if whole is not None else decoder, tokenizer)
     media_tensors = golden_media(whole, tuple(image_sizes)) if whole is not None else None
     cfg = decoder.config
     with atomic_directory(out) as tmp:
         progress("reference checkpoint")
-        save_pretrained(model, tmp / "reference")
-        shutil.copyfile(tokenizer.path, tmp / "reference" / tokenizer.path.name)
-        parameters = (count_checkpoint(tmp / "reference") if whole is not None
+        save_pretrained(model, tmp / REFERENCE_DIR)
+        shutil.copyfile(tokenizer.path, tmp / REFERENCE_DIR / tokenizer.path.name)
+        parameters = (count_checkpoint(tmp / REFERENCE_DIR) if whole is not None
                       else count_config(cfg, multimodal=False)).as_dict()
+        lower_targets(model, tmp, specs, tokenizer, jobs, log, progress)
         for target in targets:
             backend_target, spec = TARGETS[target], specs[target]
-            encoders = f", encoders {spec.encoder_quant}" if whole is not None else ""
-            progress(f"{target}: lowering to {backend_target} ({spec.quant}{encoders})")
             folder = tmp / target
-            _write_target(target, folder, model, spec, tokenizer)
             save_file(golden_tensors, folder / golden["file"])
             manifest = {
                 "schema_version": SCHEMA_VERSION,
@@ -249,14 +268,14 @@ def build_bundles(
                     "vocab_size": tokenizer.vocab_size,
                     "bos_id": cfg.bos_token_id,
                     "stop_ids": stop_ids_for(cfg.eos_token_ids, tokenizer),
-                    "chat_template": "chat_template.jinja",
+                    "chat_template": CHAT_TEMPLATE_FILE,
                 },
                 "golden": golden,
-                "reference": {"path": "../reference", "files": file_entries(tmp / "reference", exclude=())},
+                "reference": {"path": f"../{REFERENCE_DIR}", "files": file_entries(tmp / REFERENCE_DIR, exclude=())},
             }
             if whole is not None:
-                save_file(media_tensors, folder / "golden_media.safetensors")
-                save_file(media_token_embeddings(whole), folder / "media_tokens.safetensors")
+                save_file(media_tensors, folder / GOLDEN_MEDIA_FILE)
+                save_file(media_token_embeddings(whole), folder / MEDIA_TOKENS_FILE)
                 manifest["encoders"] = _encoders_entry(whole, spec, media_tensors)
             manifest["files"] = file_entries(folder)
             (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -264,6 +283,78 @@ def build_bundles(
             for target in targets:
                 deterministic_zip(tmp / target, tmp / f"{target}.zip")
     return Path(out)
+
+
+# Lowering cost, most first: the longest lowering starts first when targets are lowered in parallel.
+_LOWERING_ORDER = ("executorch", "ios", "android")
+
+
+def lower_targets(model: TextDecoder | Gemma3n, tmp: Path, specs: dict[str, ExportSpec], tokenizer: Tokenizer,
+                  jobs: int, log: Path | None, progress) -> None:
+    """Writes tmp/<target> for every spec, each lowered in a fresh spawned process that reloads the float model from
+    tmp/reference (written first; bit-exact), `jobs` of them at once.
+
+    A fresh process per target makes a target's bytes independent of what ran before it: litert-torch and
+    ExecuTorch name tensors from process-wide counters, so a second conversion in one process writes other names
+    (and another size) than the first. And conversion is mostly single-threaded Python, so on 2 cores two lowerings
+    at once take about the time of one: the three targets take about ExecuTorch's time alone. Each process needs
+    the memory of its own conversion and the model, so the caller chooses jobs (the CLI: 1 for models of a billion
+    parameters or more)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    order = sorted(specs, key=_LOWERING_ORDER.index)
+    whole = isinstance(model, Gemma3n)
+    workers = max(1, min(jobs, len(order)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    started = time.monotonic()
+    # spawn, not fork: a forked child of a process whose torch thread pools already ran can deadlock.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        futures = {}
+        for target in order:
+            spec = specs[target]
+            encoders = f", encoders {spec.encoder_quant}" if spec.encoders else ""
+            progress(f"{target}: lowering to {spec.target} ({spec.quant}{encoders}) queued")
+            futures[pool.submit(_lower_from_reference, target, tmp, whole, spec, tokenizer.path, log, threads)] = target
+        for future in as_completed(futures):
+            future.result()
+            progress(f"{futures[future]}: lowered ({time.monotonic() - started:.0f} s since the first began)")
+
+
+def _lower_from_reference(target: str, tmp: Path, whole: bool, spec: ExportSpec, tokenizer_path: Path,
+                          log: Path | None, threads: int) -> None:
+    """One target's lowering in a worker process, from the float checkpoint that build_bundles wrote first."""
+    torch.set_num_threads(threads)
+    from models.checkpoint import load_pretrained, load_text_decoder
+
+    with converter_output(log):
+        model = (load_pretrained if whole else load_text_decoder)(tmp / REFERENCE_DIR, dtype=torch.float32)
+        _write_target(target, tmp / target, model.eval(), spec, Tokenizer(tokenizer_path))
+
+
+@contextmanager
+def converter_output(log: Path | None) -> Iterator[None]:
+    """The converters' output (litert-torch's stage lines, coremltools' progress bars, ExecuTorch's warnings, and
+    whatever their C++ parts write) appended to `log` at the file-descriptor level; None leaves it where it goes."""
+    if log is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def deterministic_zip(folder: Path, path: Path) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.bundle import PLE_ASSET_FILE as FILE_NAME
 from models.errors import InputError
 
 FORMAT = "gemma3n-ple/1"
 METADATA_KEY = "gemma3n_ple"
-FILE_NAME = "per_layer_embeddings.safetensors"
 _NUMPY = {"I8": np.int8, "F16": np.float16, "F32": np.float32, "BF16": np.uint16}
 
 

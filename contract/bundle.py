@@ -1,0 +1,215 @@
+"""The bundle contract: every name a bundle's writer (runtime_py.bundle, exporters/) and its readers (runtime_py's
+executors, session, engine, compare, harness) must agree on, the manifest and its check.
+
+A bundle is one folder per target (android, ios, executorch) beside reference/ (the float checkpoint). manifest.json
+lists every file with its size and sha256; `verify_bundle` refuses a bundle whose files were changed, truncated or
+removed, naming the file, and a manifest of an unknown schema version; `BundleManifest` is its typed reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.audio import AUDIO_WINDOW_FRAMES, AUDIO_WINDOW_SAMPLES
+from models.errors import InputError
+from models.fileio import read_json_object
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+# --- targets and backends --------------------------------------------------------------------------------------
+
+TARGET_RUNTIMES = {"android": "litert", "ios": "coreml", "executorch": "executorch"}  # bundle target -> exporter
+# The backends of runtime_py that run each target's bundle (torch runs any bundle's ../reference).
+TARGET_BACKENDS = {"android": ("litert", "litertlm"), "executorch": ("executorch",), "ios": ("coreml",)}
+BACKENDS = ("torch", "litert", "litertlm", "executorch", "coreml")
+BACKEND_TARGETS = {"torch": None} | {b: t for t, backends in TARGET_BACKENDS.items() for b in backends}
+
+# --- files -----------------------------------------------------------------------------------------------------
+
+REFERENCE_DIR = "reference"  # beside the target folders: ../reference from each
+GOLDEN_FILE = "golden.safetensors"
+GOLDEN_MEDIA_FILE = "golden_media.safetensors"
+MEDIA_TOKENS_FILE = "media_tokens.safetensors"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+LITERTLM_FILE = "model.litertlm"  # android
+PTE_FILE = "model.pte"  # executorch
+PLE_PTD_TAG = "per_layer_embeddings"  # executorch: the .ptd holding the PLE table, without its suffix
+PTD_FILE = f"{PLE_PTD_TAG}.ptd"
+COREML_PACKAGE = "model.mlpackage"  # ios: the decoder
+VISION_PACKAGE, AUDIO_PACKAGE = "vision_encoder.mlpackage", "audio_encoder.mlpackage"
+PLE_ASSET_FILE = "per_layer_embeddings.safetensors"  # ios: read by the app (format: contract.ple)
+EMBEDDINGS_FILE = "embeddings.safetensors"  # ios: the token-embedding table, scaled by sqrt(hidden)
+
+# --- graphs: ExecuTorch methods, LiteRT signatures and sections, Core ML functions ------------------------------
+
+DECODE = "decode"
+TOKEN_EMBEDDING, PER_LAYER_EMBEDDING = "token_embedding", "per_layer_embedding"  # ExecuTorch methods
+VISION_ENCODER, AUDIO_ENCODER = "vision_encoder", "audio_encoder"  # the LLM runner's method names
+# LiteRT-LM's section (model) types in a .litertlm.
+PREFILL_DECODE_SECTION, EMBEDDER_SECTION, PER_LAYER_EMBEDDER_SECTION = "prefill_decode", "embedder", "per_layer_embedder"
+ENCODER_SECTIONS = ("vision_encoder", "vision_adapter", "audio_encoder_hw", "audio_adapter", "end_of_audio")
+
+
+PREFILL_PREFIX = "prefill_"
+
+
+def prefill_name(tokens: int) -> str:
+    """The prefill graph of a fixed chunk length: ExecuTorch method, LiteRT signature, Core ML function."""
+    return f"{PREFILL_PREFIX}{tokens}"
+
+
+def vision_encoder_name(size: int) -> str:
+    """ExecuTorch's method and Core ML's function of the vision encoder at one input size."""
+    return f"{VISION_ENCODER}_{size}"
+
+
+def vision_signature(size: int) -> str:
+    """LiteRT's vision_encoder signature at one input size."""
+    return f"vision_{size}"
+
+
+# --- audio window ------------------------------------------------------------------------------------------------
+
+# One 30 s window at 16 kHz (480000 samples, 2997 log-mel frames): the one shape the exported audio encoders take.
+# A fact of the model (models.audio), part of the contract.
+AUDIO_WINDOW_SAMPLES, AUDIO_WINDOW_FRAMES = AUDIO_WINDOW_SAMPLES, AUDIO_WINDOW_FRAMES
+# LiteRT-LM's audio executor needs the encoder's frame count to be a multiple of its token count (188 x 16).
+LITERT_AUDIO_FRAMES = 3008
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> list[dict]:
+    """Every file below `root` (folders such as .mlpackage included file by file), sorted, with size and sha256."""
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel in exclude:
+            continue
+        entries.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_of(path)})
+    return entries
+
+
+def read_manifest(bundle: Path) -> dict:
+    path = Path(bundle) / MANIFEST
+    manifest = read_json_object(Path(bundle), MANIFEST, "bundle", "not a gemma3n-mobile bundle")
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise InputError(f"{path}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
+    return manifest
+
+
+def verify_bundle(bundle: Path) -> dict:
+    """Reads the manifest and checks every listed file's size and sha256; returns the manifest."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    for entry in manifest.get("files", []):
+        path = bundle / entry["path"]
+        if not path.is_file():
+            raise InputError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise InputError(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
+        if sha256_of(path) != entry["sha256"]:
+            raise InputError(f"{path}: sha256 differs from the manifest (the file was modified)")
+    return manifest
+
+
+# --- the typed reading ---------------------------------------------------------------------------------------------
+
+
+def _field(raw: dict, key: str, kind: type, where: Path, default=...):
+    """raw's value at a dotted key, of `kind` (bools are not numbers); a missing or mistyped value is an InputError
+    naming the file and the key."""
+    value = raw
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            if default is not ...:
+                return default
+            raise InputError(f"{where}: missing key {key!r}")
+        value = value[part]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise InputError(f"{where}: {key} is {value!r}, expected {kind.__name__}")
+    return value
+
+
+def _ints(raw: dict, key: str, where: Path, default=...) -> tuple[int, ...]:
+    values = _field(raw, key, list, where, default)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise InputError(f"{where}: {key} is {values!r}, expected a list of integers")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """What the runtime reads of a verified bundle's manifest, typed; `raw` keeps the whole JSON object."""
+
+    folder: Path
+    raw: dict
+    target: str
+    cache_len: int
+    prefill_lengths: tuple[int, ...]
+    components: tuple[str, ...]
+    tokenizer_file: str
+    bos_id: int
+    stop_ids: tuple[int, ...]
+    vocab_size: int
+    ple_vocab_size: int | None
+    encoders: dict  # the manifest's `encoders` entry; empty for a text-only bundle
+    image_sizes: tuple[int, ...]  # the vision encoder's input sizes, the default first; () without one
+
+    @classmethod
+    def of(cls, folder: Path, raw: dict) -> "BundleManifest":
+        where = Path(folder) / MANIFEST
+        target = _field(raw, "target", str, where)
+        if target not in TARGET_RUNTIMES:
+            raise InputError(f"{where}: target {target!r} is not one of {', '.join(TARGET_RUNTIMES)}")
+        manifest = cls(
+            folder=Path(folder), raw=raw, target=target,
+            cache_len=_field(raw, "export_spec.cache_len", int, where),
+            prefill_lengths=_ints(raw, "export_spec.prefill_lengths", where),
+            components=tuple(_field(raw, "export_spec.components", list, where, ["decoder"])),
+            tokenizer_file=_field(raw, "tokenizer.file", str, where),
+            bos_id=_field(raw, "tokenizer.bos_id", int, where),
+            stop_ids=_ints(raw, "tokenizer.stop_ids", where),
+            vocab_size=_field(raw, "model.config.vocab_size", int, where),
+            ple_vocab_size=_field(raw, "model.config.vocab_size_per_layer_input", int, where, None),
+            encoders=_field(raw, "encoders", dict, where, {}),
+            image_sizes=(),
+        )
+        if "vision" in manifest.components:
+            object.__setattr__(manifest, "image_sizes", _ints(raw, "export_spec.image_sizes", where))
+        if manifest.cache_len < 1 or not manifest.prefill_lengths or min(manifest.prefill_lengths) < 1 \
+                or max(manifest.prefill_lengths) > manifest.cache_len:
+            raise InputError(f"{where}: export_spec: prefill lengths {list(manifest.prefill_lengths)} do not fit a "
+                             f"cache of {manifest.cache_len}")
+        return manifest
+
+    def file(self, name: str) -> Path:
+        return self.folder / name
+
+    @property
+    def ptd(self) -> Path:
+        """The .ptd that the manifest lists beside model.pte (executorch bundles)."""
+        listed = [f["path"] for f in self.raw.get("files", []) if f["path"].endswith(".ptd")]
+        if not listed:
+            raise InputError(f"{self.folder / MANIFEST}: lists no .ptd file beside {PTE_FILE}")
+        return self.folder / listed[0]
+
+    @property
+    def has_encoders(self) -> bool:
+        return bool(set(self.components) & {"vision", "audio"})
+
+
+def read_bundle(folder: str | Path) -> BundleManifest:
+    """verify_bundle, then the typed reading."""
+    return BundleManifest.of(Path(folder), verify_bundle(Path(folder)))
