@@ -4,7 +4,9 @@ every test of a user error uses."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -35,27 +37,40 @@ E4B_SHAPED = replace(
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-causal"
-    write_random_checkpoint(path, TINY, CAUSAL_LM, seed=0)
-    return path
+    return shared_build(tmp_path_factory, "tiny-causal", lambda p: write_random_checkpoint(p, TINY, CAUSAL_LM, seed=0))
 
 
 @pytest.fixture(scope="session")
 def tiny_multimodal_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-conditional"
-    write_random_checkpoint(path, TINY, CONDITIONAL_GENERATION, seed=1)
-    return path
+    return shared_build(tmp_path_factory, "tiny-conditional",
+                        lambda p: write_random_checkpoint(p, TINY, CONDITIONAL_GENERATION, seed=1))
 
 
 @pytest.fixture(scope="session")
 def e4b_shaped_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "e4b-shaped"
-    write_random_checkpoint(path, E4B_SHAPED, CAUSAL_LM, seed=2)
-    return path
+    return shared_build(tmp_path_factory, "e4b-shaped",
+                        lambda p: write_random_checkpoint(p, E4B_SHAPED, CAUSAL_LM, seed=2))
 
 
 # Bundle fixtures lower their targets two at a time, each in a process of its own (runtime_py.bundle.lower_targets).
 JOBS = 2
+
+
+def shared_build(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` run once for the whole test run, whichever pytest-xdist worker asks first; the others wait for
+    it and reuse the result (the pytest-xdist recipe for session fixtures: a lock file in the run's shared temp
+    folder). Without xdist it is a plain session-wide build."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker has its own basetemp below the run's
+    path = root / "shared" / name
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            build(path)
+    return path
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -87,13 +102,26 @@ def default_gemma3n():
 def default_bundles(tmp_path_factory):
     """Bundles of the embedded default model for every target, built once for the session (minutes): tests that
     change a bundle work on a copy."""
-    return build_bundles(default_model(), tmp_path_factory.mktemp("b") / "out", ["android", "executorch", "ios"],
-                         cache_len=96, prefill_lengths=(16,), make_zip=True, jobs=JOBS)
+    return shared_build(tmp_path_factory, "default-bundles", lambda path: build_bundles(
+        default_model(), path, ["android", "executorch", "ios"], cache_len=96, prefill_lengths=(16,), make_zip=True,
+        jobs=JOBS))
 
 
 @pytest.fixture(scope="session")
 def multimodal_bundles(tmp_path_factory, default_gemma3n):
     """Float bundles of the embedded default whole model (text decoder, vision and audio encoders) for android and
     executorch, at 256 px with a 512-position cache (an image and an audio window fit), built once (minutes)."""
-    return build_bundles(default_gemma3n, tmp_path_factory.mktemp("mm") / "out", ["android", "executorch"],
-                         cache_len=512, prefill_lengths=(64,), image_sizes=(256,), jobs=JOBS)
+    return shared_build(tmp_path_factory, "multimodal-bundles", lambda path: build_bundles(
+        default_gemma3n, path, ["android", "executorch"], cache_len=512, prefill_lengths=(64,), image_sizes=(256,),
+        jobs=JOBS))
+
+
+# The files whose conversions take minutes start first, so that no worker is left with one of them at the end.
+SLOW_FIRST = ("test_compare.py", "test_export_executorch_encoders.py", "test_bundle.py", "test_export_executorch.py",
+              "test_export_coreml_encoders.py", "test_export_litert_encoders.py", "test_export_coreml.py",
+              "test_multimodal_runtime.py", "test_harness.py", "test_export_litert.py", "test_vision.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))

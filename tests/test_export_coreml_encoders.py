@@ -245,10 +245,10 @@ def test_coreml_encoders_check_the_bundle_and_the_inputs(float_dir, tmp_path):
     with pytest.raises(InputError, match=r"no vision encoder for 512 px \(it has 256\)"):
         encoders.image(np.zeros((1, 3, 512, 512), np.float32))
     with pytest.raises(InputError, match="has no function vision_encoder_512 .it has vision_encoder_256"):
-        CoreMLEncoders(float_dir, *listed(replace(SPEC, image_sizes=(256, 512)))
+        CoreMLEncoders(float_dir, *listed(replace(SPEC, image_sizes=(256, 512))))
     with pytest.raises(InputError, match="audio_encoder.mlpackage: missing"):
-        CoreMLEncoders(tmp_path, *listed(replace(SPEC, components=("decoder", "audio")))
-    vision_only = CoreMLEncoders(float_dir, *listed(replace(SPEC, components=("decoder", "vision")))
+        CoreMLEncoders(tmp_path, *listed(replace(SPEC, components=("decoder", "audio"))))
+    vision_only = CoreMLEncoders(float_dir, *listed(replace(SPEC, components=("decoder", "vision"))))
     with pytest.raises(InputError, match="no audio encoder"):
         vision_only.audio(np.zeros((1, 2997, 128), np.float32), np.zeros((1, 2997), np.float32))
 
