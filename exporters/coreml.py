@@ -55,7 +55,8 @@ from models.encoders import (
     golden_media,
     vision_sample_inputs,
 )
-from exporters.spec import ExportSpec, split_model
+from exporters.ple import write_ple_asset
+from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.multimodal import Gemma3n
 from models.text import KVCache, TextDecoder
 
@@ -233,14 +234,19 @@ def make_reproducible(package: Path) -> None:
 
 
 def export_coreml(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | os.PathLike) -> Path:
-    """Writes out_dir/model.mlpackage (prefill_<T> and decode over one KV-cache state), and beside it the packages of
-    spec.encoders (of a whole Gemma3n); returns the decoder package's path. The model is left as it was, its own
+    """Writes out_dir/model.mlpackage (prefill_<T> and decode over one KV-cache state), beside it the packages of
+    spec.encoders (of a whole Gemma3n), per_layer_embeddings.safetensors and export.json; returns the decoder
+    package's path. out_dir must not exist (exporters.spec.export_folder). The model is left as it was, its own
     caches included."""
+    check_target(spec, "coreml")
     decoder, whole = split_model(model, spec)
-    package = write_package(compress(convert_functions(decoder.eval(), spec), spec), out_dir)
-    for name, (functions, default) in convert_encoder_packages(whole, spec).items():
-        write_package(compress(functions, spec, spec.encoder_recipe, ENCODER_WEIGHT_OPS), out_dir, name, default)
-    return package
+    with export_folder(out_dir, spec) as tmp:
+        write_package(compress(convert_functions(decoder.eval(), spec), spec), tmp)
+        for name, (functions, default) in convert_encoder_packages(whole, spec).items():
+            write_package(compress(functions, spec, spec.encoder_recipe, ENCODER_WEIGHT_OPS), tmp, name, default)
+        # The app reads the PLE rows from this memory-mappable asset (the other targets carry the table inside).
+        write_ple_asset(decoder, tmp, spec.ple_storage)
+    return Path(out_dir) / PACKAGE_NAME
 
 
 # --- encoders ------------------------------------------------------------------------------------------------------

@@ -54,9 +54,8 @@ from contract.bundle import (
 )
 from models.encoders import AudioEmbedder, VisionEmbedder, audio_sample_inputs, vision_sample_inputs
 from exporters.ple import quantize_rows_int8
-from exporters.spec import ExportSpec, split_model
+from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.errors import InputError
-from models.fileio import atomic_directory
 from models.multimodal import Gemma3n
 from models.text import RMSNorm, TextDecoder, in_dtype
 from models.vision import Conv2dSame, RMSNorm2d, same_padding
@@ -496,27 +495,23 @@ def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None)
 
 
 def export_executorch(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | Path) -> Path:
-    """Writes out_dir/model.pte and out_dir/per_layer_embeddings.ptd; returns the .pte's path. `model`: a
-    TextDecoder, or a whole Gemma3n whose encoders (spec.encoders) join the decoder's methods."""
-    if spec.target != "executorch":
-        raise InputError(f"--target: export_executorch needs an executorch spec, got {spec.target!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise InputError(f"{out_dir}: output directory exists already")
+    """Writes out_dir/model.pte and out_dir/per_layer_embeddings.ptd (and export.json); returns the .pte's path.
+    `model`: a TextDecoder, or a whole Gemma3n whose encoders (spec.encoders) join the decoder's methods."""
+    check_target(spec, "executorch")
     decoder, whole = split_model(model, spec)
     console = Console(stderr=True)
-    with console.status(f"exporting {len(spec.prefill_lengths) + 3} decoder methods"):
-        programs = decoder_programs(decoder.eval(), spec) | embedder_programs(decoder, spec)
-    aliases = {}
-    if spec.encoders:
-        with console.status(f"exporting the {' and '.join(spec.encoders)} encoders"):
-            programs |= encoder_programs(whole.eval(), spec)
-        if "vision" in spec.encoders:
-            aliases[VISION_ENCODER] = vision_encoder_name(spec.image_sizes[0])
-    with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):
-        program = lower(programs, runner_metadata(decoder, spec), aliases)
-    with atomic_directory(out_dir) as tmp:
+    with export_folder(out_dir, spec) as tmp:
+        with console.status(f"exporting {len(spec.prefill_lengths) + 3} decoder methods"):
+            programs = decoder_programs(decoder.eval(), spec) | embedder_programs(decoder, spec)
+        aliases = {}
+        if spec.encoders:
+            with console.status(f"exporting the {' and '.join(spec.encoders)} encoders"):
+                programs |= encoder_programs(whole.eval(), spec)
+            if "vision" in spec.encoders:
+                aliases[VISION_ENCODER] = vision_encoder_name(spec.image_sizes[0])
+        with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):
+            program = lower(programs, runner_metadata(decoder, spec), aliases)
         with open(tmp / PTE_FILE, "wb") as f:
             program.write_to_file(f)
         program.write_tensor_data_to_file(str(tmp))
-    return out_dir / PTE_FILE
+    return Path(out_dir) / PTE_FILE

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from contract.bundle import DECODE, LITERT_AUDIO_FRAMES, LITERTLM_FILE, prefill_name, vision_signature
 from models.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder
-from exporters.spec import ExportSpec, split_model
+from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.errors import InputError
 from models.multimodal import Gemma3n
 from models.text import TextDecoder
@@ -446,17 +446,14 @@ def export_litert(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str |
     brings the encoders spec.encoders names. Everything is built in a temporary folder inside out_dir and moved at
     the end."""
     tokenizer_path = Path(tokenizer_path)
-    if spec.target != "litert":
-        raise InputError(f"export spec: target is {spec.target!r}, expected 'litert'")
+    check_target(spec, "litert")
     if tokenizer_path.suffix != ".model" or not tokenizer_path.is_file():
         raise InputError(f"{tokenizer_path}: expected a SentencePiece tokenizer.model file")
     decoder, whole = split_model(model, spec)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     decoder = decoder.eval().float()
     if whole is not None:
         whole.eval().float()
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".litert-") as tmp, torch.no_grad():
+    with export_folder(out_dir, spec) as out, torch.no_grad(), tempfile.TemporaryDirectory(dir=out) as tmp:
         work = Path(tmp)
         convert_decoder(decoder, spec, work / DECODER_FILE)
         media = (whole.embed_vision, whole.embed_audio) if whole is not None else ()
@@ -476,5 +473,5 @@ def export_litert(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str |
         pack_litertlm(work, metadata, tokenizer_path, work / LITERTLM_FILE, encoder_sections)
         for name in (DECODER_FILE, EMBEDDER_FILE, PER_LAYER_EMBEDDER_FILE, *(f for f, _ in encoder_sections),
                      LITERTLM_FILE):
-            os.replace(work / name, out_dir / name)
-    return out_dir / LITERTLM_FILE
+            os.replace(work / name, out / name)
+    return Path(out_dir) / LITERTLM_FILE

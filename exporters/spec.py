@@ -6,9 +6,14 @@ prefill lengths, quantization or PLE storage.
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 from models.errors import InputError
+from models.fileio import atomic_directory
 
 TARGETS = ("litert", "executorch", "coreml")
 
@@ -123,3 +128,25 @@ def split_model(model, spec) -> tuple:
         raise InputError(f"components {list(spec.encoders)}: a text-only checkpoint has no encoders "
                          "(a Gemma3nForConditionalGeneration checkpoint has)")
     return model, None
+
+
+def check_target(spec: ExportSpec, target: str) -> None:
+    if spec.target != target:
+        raise InputError(f"--target: the {target} exporter needs a {target} spec, got {spec.target!r}")
+
+
+EXPORT_RECORD = "export.json"
+
+
+@contextmanager
+def export_folder(out_dir: str | Path, spec: ExportSpec) -> Iterator[Path]:
+    """The output rule of every target: its files are written into a temporary folder beside out_dir (which must not
+    exist), export.json then records the spec and every file's size, and the folder is renamed to out_dir at the end,
+    so a failure never leaves a half-written export. FX provenance is shared while converting
+    (exporters.provenance)."""
+    from exporters.provenance import shared_provenance
+
+    with atomic_directory(out_dir) as tmp, shared_provenance():
+        yield tmp
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / EXPORT_RECORD).write_text(json.dumps({"spec": spec.as_dict(), "files": files}, indent=2) + "\n")

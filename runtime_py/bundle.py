@@ -50,7 +50,7 @@ from contract.bundle import (
     file_entries,
 )
 from exporters import export
-from exporters.spec import ExportSpec
+from exporters.spec import EXPORT_RECORD, ExportSpec
 from models.accounting import count_checkpoint, count_config
 from models.checkpoint import save_pretrained
 from models.errors import InputError
@@ -145,7 +145,7 @@ def _write_target(target: str, folder: Path, model: TextDecoder | Gemma3n, spec:
             tflite.unlink()
     else:
         export(model, spec, folder)
-    (folder / "export.json").unlink()  # its content moves into the manifest
+    (folder / EXPORT_RECORD).unlink()  # its content moves into the manifest
     if target == "ios":
         save_file(_token_embeddings(decoder), folder / EMBEDDINGS_FILE, metadata={"scaled": "sqrt(hidden)"})
     # Android apps read the tokenizer inside the .litertlm; the copy serves host-side runtimes.

@@ -331,17 +331,18 @@ def _video_frames(folder: Path) -> list[str]:
 
 
 def _generate_token_ids(args) -> int:
-    import torch
-
-    from models.generate import check_token_ids, prefill_and_decode
+    """Greedy ids from the PyTorch model through the same Session as every bundle (no stop tokens: exactly
+    --max-new-tokens ids, fewer only when the cache fills)."""
     from models.matformer import parse_int_list
+    from runtime_py.components.tokenizer import checkpoint_tokenizer
+    from runtime_py.engine import session_for_model
 
     ids = parse_int_list(args.token_ids, "--token-ids")
     model, source = _load(args)
-    prompt = torch.tensor([ids], dtype=torch.long)
-    check_token_ids(prompt, model.config.vocab_size)
-    _, _, tokens = prefill_and_decode(model, prompt, args.max_new_tokens, args.cache_len)
-    print(json.dumps({"model": source, "prompt": ids, "greedy_tokens": tokens[: args.max_new_tokens]}))
+    session = session_for_model(model, checkpoint_tokenizer(args.checkpoint), cache_len=args.cache_len)
+    session.stop_ids = []
+    tokens = list(session.generate_ids(ids, max_new_tokens=args.max_new_tokens))
+    print(json.dumps({"model": source, "prompt": ids, "greedy_tokens": tokens}))
     return 0
 
 
@@ -349,16 +350,14 @@ def cmd_bundle(args) -> int:
     import tempfile
 
     from runtime_py.bundle import build_bundles
+    from runtime_py.components.tokenizer import checkpoint_tokenizer
     from models import TextDecoder, load_pretrained, save_pretrained
     from models.errors import InputError
     from models.matformer import parse_int_list, slice_checkpoint
 
     model, source = _load_whole(args)
     info = {"name": source}
-    tokenizer = args.tokenizer
-    if tokenizer is None and args.checkpoint is not None:
-        found = [args.checkpoint / n for n in ("tokenizer.model", "tokenizer.json") if (args.checkpoint / n).is_file()]
-        tokenizer = found[0] if found else None
+    tokenizer = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
     if args.slice and (args.ffn_widths or args.skip_layers):
         raise InputError("give --slice or --ffn-widths/--skip-layers, not both")
     if args.slice or args.ffn_widths or args.skip_layers:
@@ -418,7 +417,7 @@ def cmd_export(args) -> int:
     from rich.console import Console
 
     from exporters import export
-    from exporters.spec import ExportSpec
+    from exporters.spec import EXPORT_RECORD, ExportSpec
     from models.matformer import parse_int_list
 
     from runtime_py.bundle import default_cache_len
@@ -439,13 +438,12 @@ def cmd_export(args) -> int:
     )
     kwargs = {}
     if args.target == "litert":  # the .litertlm carries the tokenizer
-        from runtime_py.engine import DEFAULT_TOKENIZER
+        from runtime_py.components.tokenizer import checkpoint_tokenizer
 
-        own = args.checkpoint / "tokenizer.model" if args.checkpoint else None
-        kwargs["tokenizer_path"] = own if own is not None and own.is_file() else DEFAULT_TOKENIZER
+        kwargs["tokenizer_path"] = checkpoint_tokenizer(args.checkpoint, sentencepiece_only=True)
     with Console(stderr=True).status(f"lowering {source} to {args.target} ({args.quant})"):
         out = export(model, spec, args.out, **kwargs)
-    manifest = json.loads((out / "export.json").read_text())
+    manifest = json.loads((out / EXPORT_RECORD).read_text())
     for name, size in manifest["files"].items():
         print(f"{size:>12,}  {out / name}")
     return 0
@@ -506,6 +504,7 @@ def cmd_compare(args) -> int:
     from rich.console import Console
 
     from runtime_py.bundle import GOLDEN_PROMPT, QUANT_LEVELS, TARGETS
+    from runtime_py.components.tokenizer import checkpoint_tokenizer
     from models.errors import InputError
     from models.fileio import atomic_directory
     from models.matformer import parse_int_list
@@ -544,18 +543,8 @@ def cmd_compare(args) -> int:
                                  enforce=args.write_thresholds is None)
         if not args.bundle:
             job.source = str(args.checkpoint) if args.checkpoint else _load(args)[1]
-            tokenizer = args.checkpoint / "tokenizer.model" if args.checkpoint else None
-            tokenizer = tokenizer if tokenizer is not None and tokenizer.is_file() else None
-            builds = []
-            for level in levels:
-                for target in targets:
-                    reason = compare.skip_reason(compare.TARGET_BACKENDS[target][0])
-                    if reason:  # nothing to build for a backend that cannot run here
-                        job.skipped += [compare.Row(backend, level, QUANT_LEVELS[level][TARGETS[target]],
-                                                    status="skipped", reason=reason)
-                                        for backend in compare.TARGET_BACKENDS[target]]
-                    else:
-                        builds.append((level, target))
+            tokenizer = checkpoint_tokenizer(args.checkpoint, sentencepiece_only=True)
+            builds, job.skipped = compare.plan_builds(targets, levels)
             if job.enforce:  # before minutes of conversion
                 compare.check_cells_present([f"{backend}/{level}" for level, target in builds
                                              for backend in compare.TARGET_BACKENDS[target]], thresholds)

@@ -9,10 +9,9 @@ import torch
 from contract.bundle import BACKEND_TARGETS, BACKENDS, LITERTLM_FILE, read_bundle
 from models.errors import InputError
 from runtime_py.components.stop import stop_ids_for
-from runtime_py.components.tokenizer import Tokenizer
+from runtime_py.components.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from runtime_py.session import Session
 
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "assets" / "tokenizer.model"
 
 
 def session_for_model(model, tokenizer_path=DEFAULT_TOKENIZER, cache_len: int = 256,

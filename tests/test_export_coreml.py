@@ -22,7 +22,8 @@ from exporters.coreml import (
     summarize_mlpackage,
     write_package,
 )
-from exporters.spec import ExportSpec
+from contract.bundle import PLE_ASSET_FILE
+from exporters.spec import EXPORT_RECORD, ExportSpec
 from models.default import default_model
 from models.generate import prefill_and_decode
 from runtime_py.executors.coreml_executor import coreml_can_predict
@@ -181,7 +182,7 @@ def test_export_coreml_writes_only_the_package_and_leaves_the_model_as_it_was(mo
     own_caches = [model.layers[i].self_attn.kv_cache for i in model.config.cache_owning_layers]
     package = export_coreml(model, coreml_spec("int4-per-block"), tmp_path / "out")
     assert package == tmp_path / "out" / "model.mlpackage"
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.mlpackage"]  # the staging folder is gone
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [EXPORT_RECORD, "model.mlpackage", PLE_ASSET_FILE]
     assert set(summarize_mlpackage(package)["functions"]) == FUNCTIONS
     assert [model.layers[i].self_attn.kv_cache for i in model.config.cache_owning_layers] == own_caches
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)

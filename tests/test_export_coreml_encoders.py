@@ -31,7 +31,8 @@ from exporters.coreml import (
     write_package,
 )
 from models.encoders import AudioEmbedder, VisionEmbedder, golden_media
-from exporters.spec import ExportSpec
+from contract.bundle import PLE_ASSET_FILE
+from exporters.spec import EXPORT_RECORD, ExportSpec
 from models.default import default_gemma3n
 from models.errors import InputError
 from runtime_py.executors.coreml_executor import CoreMLEncoders, coreml_can_predict
@@ -211,16 +212,17 @@ def test_vision_sizes_share_one_copy_of_the_weights(whole, encoder_functions, fl
 @pytest.mark.heavy
 def test_export_coreml_writes_every_package_reproducibly_and_leaves_the_model(whole, float_dir, tmp_path):
     before = {k: v.clone() for k, v in whole.state_dict().items()}
-    package = export_coreml(whole, SPEC, tmp_path)
-    assert package == tmp_path / "model.mlpackage"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio_encoder.mlpackage", "model.mlpackage",
-                                                          "vision_encoder.mlpackage"]
+    out = tmp_path / "out"
+    package = export_coreml(whole, SPEC, out)
+    assert package == out / "model.mlpackage"
+    assert sorted(p.name for p in out.iterdir()) == ["audio_encoder.mlpackage", EXPORT_RECORD, "model.mlpackage",
+                                                     PLE_ASSET_FILE, "vision_encoder.mlpackage"]
     # A second, independent conversion gives the fixture's bytes.
     for name in (VISION_PACKAGE, AUDIO_PACKAGE):
-        files = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
+        files = sorted(p.relative_to(out / name) for p in (out / name).rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(float_dir / name) for p in (float_dir / name).rglob("*") if p.is_file())
         for f in files:
-            assert (tmp_path / name / f).read_bytes() == (float_dir / name / f).read_bytes(), f
+            assert (out / name / f).read_bytes() == (float_dir / name / f).read_bytes(), f
     assert all(torch.equal(v, before[k]) for k, v in whole.state_dict().items())
 
 

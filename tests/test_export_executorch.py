@@ -15,7 +15,7 @@ import torch
 from contract.bundle import PTD_FILE, PTE_FILE
 from exporters.executorch import export_decoder, export_executorch, quantize_decoder_
 from exporters.ple import write_ple_asset
-from exporters.spec import ExportSpec
+from exporters.spec import EXPORT_RECORD, ExportSpec
 from models.config import TINY_4_LAYERS
 from models.random_init import randomise_
 from models.errors import InputError
@@ -118,7 +118,7 @@ def test_ple_table_lives_in_the_ptd(model, float_export):
     ptd = pte.parent / PTD_FILE
     table = model.per_layer_embedding.weight.detach().float().numpy().tobytes()
     pte_bytes, ptd_bytes = pte.read_bytes(), ptd.read_bytes()
-    assert sorted(p.name for p in pte.parent.iterdir()) == sorted([PTE_FILE, ptd.name])
+    assert sorted(p.name for p in pte.parent.iterdir()) == sorted([PTE_FILE, ptd.name, EXPORT_RECORD])
     assert table in ptd_bytes and table not in pte_bytes
     assert len(table) <= len(ptd_bytes) < len(table) + 4096  # the table and a small header, nothing else
     # Every row comes back through the mapped table, ids beyond the PLE vocabulary reading row 0 as in eager.

@@ -15,7 +15,7 @@ import sentencepiece as spm
 import torch
 
 from exporters import litert
-from exporters.spec import ExportSpec
+from exporters.spec import EXPORT_RECORD, ExportSpec
 from models import load_pretrained
 from models.generate import prefill_and_decode
 from models.hf_reference import hf_prefill_and_decode, load_hf_model
@@ -31,7 +31,7 @@ PROMPT = "The train leaves the station at seven"
 def exported(tiny_checkpoint, tmp_path_factory):
     model = load_pretrained(tiny_checkpoint, dtype=torch.float32)
     spec = ExportSpec("litert", cache_len=CACHE_LEN, prefill_lengths=(PREFILL_LEN,), ple_storage="fp32")
-    out = tmp_path_factory.mktemp("litert")
+    out = tmp_path_factory.mktemp("litert") / "export"
     return model, litert.export_litert(model, spec, out, TOKENIZER)
 
 
@@ -43,7 +43,8 @@ def test_writes_the_bundle_and_nothing_half_done(exported):
     _, path = exported
     assert path.name == "model.litertlm" and path.read_bytes()[:8] == b"LITERTLM"
     names = sorted(p.name for p in path.parent.iterdir())
-    assert names == sorted([litert.DECODER_FILE, litert.EMBEDDER_FILE, litert.PER_LAYER_EMBEDDER_FILE, path.name])
+    assert names == sorted([litert.DECODER_FILE, litert.EMBEDDER_FILE, litert.PER_LAYER_EMBEDDER_FILE, path.name,
+                           EXPORT_RECORD])
 
 
 def test_litert_lm_engine_generates_the_same_tokens_as_eager_and_transformers(exported, tiny_checkpoint):

@@ -25,7 +25,7 @@ import torch
 from exporters import litert
 from models.encoders import (AudioEncoder, audio_window_inputs, golden_audio, golden_image, golden_media,
                                 media_token_embeddings)
-from exporters.spec import ENCODER_QUANT_SCHEMES, ExportSpec
+from exporters.spec import ENCODER_QUANT_SCHEMES, EXPORT_RECORD, ExportSpec
 from models.default import default_gemma3n
 from models.errors import InputError
 from models.generate import prefill_and_decode_embeddings
@@ -56,7 +56,7 @@ def model(default_gemma3n):
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
     spec = whole_spec()
-    return spec, litert.export_litert(model, spec, tmp_path_factory.mktemp("litert-mm"), TOKENIZER)
+    return spec, litert.export_litert(model, spec, tmp_path_factory.mktemp("litert-mm") / "export", TOKENIZER)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def litertlm_metadata(path: Path):
 def test_the_litertlm_holds_the_encoders_in_litert_lm_layouts(exported, model):
     spec, path = exported
     assert sorted(p.name for p in path.parent.iterdir()) == sorted(
-        [litert.DECODER_FILE, litert.EMBEDDER_FILE, litert.PER_LAYER_EMBEDDER_FILE, path.name]
+        [litert.DECODER_FILE, litert.EMBEDDER_FILE, litert.PER_LAYER_EMBEDDER_FILE, path.name, EXPORT_RECORD]
         + [f for f, _ in ENCODER_FILES])
     sections = litertlm_section_list(path)
     assert [t for t, _ in sections] == ["prefill_decode", "embedder", "per_layer_embedder", "vision_encoder",

@@ -7,6 +7,19 @@ from pathlib import Path
 
 from models.errors import InputError
 
+# The embedded default model's tokenizer (models/assets/make_tokenizer.py).
+DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "models" / "assets" / "tokenizer.model"
+SENTENCEPIECE_FILE, HF_TOKENIZER_FILE = "tokenizer.model", "tokenizer.json"
+
+
+def checkpoint_tokenizer(checkpoint: Path | None, sentencepiece_only: bool = False) -> Path:
+    """The tokenizer a checkpoint folder ships (tokenizer.model, else tokenizer.json unless sentencepiece_only: the
+    .litertlm packs SentencePiece only), or the embedded default model's when it ships none (or there is no
+    checkpoint: the default model)."""
+    names = (SENTENCEPIECE_FILE,) if sentencepiece_only else (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE)
+    found = [Path(checkpoint) / n for n in names if checkpoint is not None and (Path(checkpoint) / n).is_file()]
+    return found[0] if found else DEFAULT_TOKENIZER
+
 
 class Tokenizer:
     def __init__(self, path: str | Path):
