@@ -25,7 +25,7 @@ run: install
 	$(BIN)/g3n generate --bundle out/default/executorch --backend torch --image models/assets/sample.png --audio models/assets/sample.wav "Describe this."
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The numerics gate: bundles of the default model at every quantization level, each Linux backend against the float
 # PyTorch model; prints report.md and fails past a limit of ci/thresholds.json (report in out/compare).

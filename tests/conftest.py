@@ -116,10 +116,12 @@ def multimodal_bundles(tmp_path_factory, default_gemma3n):
         jobs=JOBS))
 
 
-# The files whose conversions take minutes start first, so that no worker is left with one of them at the end.
-SLOW_FIRST = ("test_compare.py", "test_export_executorch_encoders.py", "test_bundle.py", "test_export_executorch.py",
-              "test_export_coreml_encoders.py", "test_export_litert_encoders.py", "test_export_coreml.py",
-              "test_multimodal_runtime.py", "test_harness.py", "test_export_litert.py", "test_vision.py")
+# The files whose conversions take minutes start first, so that no worker is left with one of them at the end; the
+# first two need different shared builds (the multimodal and the default bundles), so neither worker waits for the
+# other at the start.
+SLOW_FIRST = ("test_compare.py", "test_bundle.py", "test_export_executorch.py", "test_export_executorch_encoders.py",
+              "test_export_litert_encoders.py", "test_export_coreml_encoders.py", "test_multimodal_runtime.py",
+              "test_harness.py", "test_export_coreml.py", "test_export_litert.py", "test_vision.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -127,29 +127,6 @@ def test_ple_table_lives_in_the_ptd(model, float_export):
     assert torch.equal(rows, model.per_layer_embedding(ids))
 
 
-@pytest.mark.heavy
-def test_8da8w_with_int8_ple(model, prompt, eager, tmp_path_factory, tmp_path):
-    spec, pte = _export(model, tmp_path_factory, quant="8da8w", ple_storage="int8")
-    program = _load(pte)
-    # The int8 PLE table in the .ptd gives exactly the rows that the safetensors asset (contract.ple) gives.
-    ids = torch.tensor([[0, 5, 319, 320, 383, 17, 2, 1]])
-    rows = program.load_method("per_layer_embedding").execute([ids])[0]
-    asset = PleTable(write_ple_asset(model, tmp_path, "int8"))
-    np.testing.assert_allclose(rows[0].numpy(), asset.rows(ids[0].numpy()), rtol=1e-6, atol=1e-6)
-    ptd_size = (pte.parent / PTD_FILE).stat().st_size
-    table_int8 = SMALL.vocab_size_per_layer_input * SMALL.num_layers * SMALL.hidden_size_per_layer_input
-    assert table_int8 <= ptd_size < table_int8 + 4 * SMALL.vocab_size_per_layer_input + 4096
-
-    reference, tokens = _reference(eager)
-    logits = _generate(program, prompt, tokens[:STEPS])
-    # Against the same torchao quantization run eagerly on the same int8 PLE rows: the lowering itself must add next
-    # to nothing (measured 0.0; 1e-3 leaves room for XNNPACK's own rounding). Against float: 8-bit per-token
-    # activations over a 64-wide hidden state are coarse; measured 0.137 on logits up to ~4 (8da8w, fp32 PLE).
-    quantized = _eager_quantized(model, spec, prompt, tokens[:STEPS], asset)
-    assert max((a - b).abs().max().item() for a, b in zip(logits, quantized)) < 1e-3
-    assert max((a - b).abs().max().item() for a, b in zip(logits, reference)) < 0.3
-
-
 def _eager_quantized(model, spec, prompt, tokens_in, ple_asset):
     decoder = export_decoder(model, CACHE_LEN)
     quantize_decoder_(decoder, spec)
@@ -171,18 +148,31 @@ def test_refuses_other_targets_and_existing_outputs(model, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-def test_int8_weight_only(model, prompt, eager, float_export, tmp_path_factory):
-    spec, pte = _export(model, tmp_path_factory, quant="int8-weight-only", ple_storage="fp32")
+def test_int8_weight_only_with_int8_ple(model, prompt, eager, float_export, tmp_path_factory, tmp_path):
+    """A quantized program with the PLE table int8 in the .ptd. The bundles' 8da8w decoder (the same lowering, other
+    weights) is compared once, by `make compare`'s executorch/int8 row."""
+    spec, pte = _export(model, tmp_path_factory, quant="int8-weight-only", ple_storage="int8")
+    program = _load(pte)
+    # The int8 PLE table in the .ptd gives exactly the rows that the safetensors asset (contract.ple) gives.
+    ids = torch.tensor([[0, 5, 319, 320, 383, 17, 2, 1]])
+    rows = program.load_method("per_layer_embedding").execute([ids])[0]
+    asset = PleTable(write_ple_asset(model, tmp_path, "int8"))
+    np.testing.assert_allclose(rows[0].numpy(), asset.rows(ids[0].numpy()), rtol=1e-6, atol=1e-6)
+    ptd_size = (pte.parent / PTD_FILE).stat().st_size
+    table_int8 = SMALL.vocab_size_per_layer_input * SMALL.num_layers * SMALL.hidden_size_per_layer_input
+    assert table_int8 <= ptd_size < table_int8 + 4 * SMALL.vocab_size_per_layer_input + 4096
     # The Linears' weights are stored as int8 (the float token embedding, norms and AltUp coefficients are not):
     # measured 0.63 of the float program on the tiny model, as small as 8da8w's.
     assert pte.stat().st_size < 0.7 * float_export[1].stat().st_size
     reference, tokens = _reference(eager)
-    logits = _generate(_load(pte), prompt, tokens[:STEPS])
-    # Against the same quantization run eagerly: the lowering adds next to nothing. Against float: measured 0.10 on
-    # logits up to ~4 (LiteRT's int8 weight-only: 0.41; 8da8w, which also quantizes activations: 0.14).
-    quantized = _eager_quantized(model, spec, prompt, tokens[:STEPS], None)
+    logits = _generate(program, prompt, tokens[:STEPS])
+    # Against the same quantization run eagerly on the same int8 PLE rows: the lowering adds next to nothing
+    # (measured 0.0; 1e-3 leaves room for XNNPACK's rounding). Against float: measured 0.10 on logits up to ~4 with
+    # fp32 PLE rows (LiteRT's int8 weight-only: 0.41; 8da8w, which also quantizes activations: 0.14); the int8 rows
+    # add their own rounding.
+    quantized = _eager_quantized(model, spec, prompt, tokens[:STEPS], asset)
     assert max((a - b).abs().max().item() for a, b in zip(logits, quantized)) < 1e-3
     error = max((a - b).abs().max().item() for a, b in zip(logits, reference))
-    print(f"int8-weight-only: max |delta logit| vs float {error:.4f}, .pte {pte.stat().st_size:,} B "
+    print(f"int8-weight-only, int8 PLE: max |delta logit| vs float {error:.4f}, .pte {pte.stat().st_size:,} B "
           f"(float {float_export[1].stat().st_size:,} B)")
-    assert error < 0.2
+    assert error < 0.3

@@ -138,7 +138,7 @@ def test_methods_delegates_and_shared_weights(float_bundle, whole):
     out, _ = float_bundle
     pte = out / PTE_FILE
     assert {PTE_FILE, PTD_FILE} <= {p.name for p in out.iterdir()}
-    assert json.loads((out / MANIFEST).read_text())["export_spec"] == SPEC.as_dict()
+    assert json.loads((out / MANIFEST).read_text())["export_spec"] == json.loads(json.dumps(SPEC.as_dict()))
     program = load_program(pte, out / PTD_FILE)
     assert {VISION_ENCODER, vision_encoder_name(SIZE), AUDIO_ENCODER, "decode", f"prefill_{PROMPT_LEN}",
             "token_embedding", "per_layer_embedding", "get_image_sizes"} <= program.method_names
@@ -219,39 +219,35 @@ def test_decoder_shares_its_cache_beside_the_encoders(float_bundle, golden):
 
 
 @pytest.mark.heavy
-def test_8da8w_encoders(whole, golden, tmp_path):
+def test_8da8w_audio_encoder(whole, golden, tmp_path):
     """The bundles' int8 scheme (runtime_py.bundle.ENCODER_QUANT_LEVELS): int8 per-channel weights and dynamically
-    quantized activations for every Linear and 2-D convolution but the depthwise ones, run by XNNPACK."""
-    spec = ExportSpec("executorch", components=("decoder", "vision", "audio"), image_sizes=(SIZE,),
-                      encoder_quant="8da8w")
+    quantized activations for every Linear and 2-D convolution but the depthwise ones, run by XNNPACK. The audio
+    encoder's convolutions are fed by other nodes than the graph input, which ExecuTorch 1.5.1's layout pass gets
+    wrong unless bounded (bounded_dynamic_quant_layout). The vision encoder's 8da8w lowering (the same code at
+    768 px) is checked once, by `make compare`'s executorch/int8 row (cosine 0.998 against the float encoder)."""
+    spec = ExportSpec("executorch", components=("decoder", "audio"), encoder_quant="8da8w")
     programs = encoder_programs(whole, spec)
-    eager = {name: program.module() for name, program in programs.items()}
+    eager = programs[AUDIO_ENCODER].module()
     pte = tmp_path / PTE_FILE
-    pte.write_bytes(lower(programs, {}, {VISION_ENCODER: vision_encoder_name(SIZE)}).buffer)
+    pte.write_bytes(lower(programs, {}).buffer)
     program = load_program(pte, None)
-    pixels, features, mask = golden[f"pixel_values_{SIZE}"], golden["audio_features"], golden["audio_padding_mask"]
-    image = program.load_method(vision_encoder_name(SIZE)).execute([pixels])[0]
+    features, mask = golden["audio_features"], golden["audio_padding_mask"]
     audio = program.load_method(AUDIO_ENCODER).execute([features, mask])[0]
-    image_ref, audio_ref = golden[f"image_embeddings_{SIZE}"], golden["audio_embeddings"]
+    audio_ref = golden["audio_embeddings"]
     with torch.no_grad():
-        image_eager, audio_eager = eager[vision_encoder_name(SIZE)](pixels), eager[AUDIO_ENCODER](features, mask)
-    print(f"8da8w vision {SIZE}: max abs {max_abs(image, image_ref):.3f} cosine {cosine(image, image_ref):.5f}; "
-          f"audio: max abs {max_abs(audio, audio_ref):.3f} cosine {cosine(audio, audio_ref):.5f}; "
-          f"eager PT2E reference: {cosine(image_eager, image_ref):.5f} / {cosine(audio_eager, audio_ref):.5f}; "
-          f".pte {pte.stat().st_size:,} B")
-    # Measured 0.9989 (vision) and 0.99996 (audio); at 768 px 0.9982 (the lead's report).
-    assert cosine(image, image_ref) >= 0.99 and cosine(audio, audio_ref) >= 0.99
+        audio_eager = eager(features, mask)
+    print(f"8da8w audio: max abs {max_abs(audio, audio_ref):.3f} cosine {cosine(audio, audio_ref):.5f}; "
+          f"eager PT2E reference: {cosine(audio_eager, audio_ref):.5f}; .pte {pte.stat().st_size:,} B")
+    # Measured 0.99996.
+    assert cosine(audio, audio_ref) >= 0.99
     # XNNPACK picks the activations' ranges and rounds by itself, so the program does not repeat the eager PT2E
-    # reference bit for bit (cosine 0.9990 between them); it stays as close to float as that reference is (measured
-    # 1 - cosine 1.06e-3 against the reference's 1.52e-3 for vision, 3.9e-5 against 4.3e-5 for audio).
-    for out, eager_out, ref in ((image, image_eager, image_ref), (audio, audio_eager, audio_ref)):
-        assert 1 - cosine(out, ref) <= 1.2 * (1 - cosine(eager_out, ref))
-    counts = plans(pte.read_bytes())
-    delegates, portable = counts[vision_encoder_name(SIZE)]
-    assert portable == ["aten::upsample_nearest2d"] and delegates <= 21, counts[vision_encoder_name(SIZE)]
-    # int8 weights: the vision weights (7.3M parameters, 29 MB in fp32) take about a quarter.
-    float_bytes = 4 * sum(p.numel() for m in (whole.vision_tower, whole.embed_vision, whole.audio_tower,
-                                              whole.embed_audio) for p in m.parameters())
+    # reference bit for bit; it stays as close to float as that reference is (measured 1 - cosine 3.9e-5 against the
+    # reference's 4.3e-5).
+    assert 1 - cosine(audio, audio_ref) <= 1.2 * (1 - cosine(audio_eager, audio_ref))
+    delegates, portable = plans(pte.read_bytes())[AUDIO_ENCODER]
+    print("audio delegates / portable ops:", delegates, portable)
+    # int8 weights: the conformer's weights take about a quarter of their float bytes.
+    float_bytes = 4 * sum(p.numel() for m in (whole.audio_tower, whole.embed_audio) for p in m.parameters())
     assert pte.stat().st_size < 0.35 * float_bytes
 
 

@@ -60,3 +60,22 @@ def embedding_metrics(reference: np.ndarray, got: np.ndarray) -> dict[str, float
     norms = np.linalg.norm(ref) * np.linalg.norm(out)
     cosine = float(ref @ out / norms) if norms > 0 else float(np.array_equal(ref, out))
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine": cosine}
+
+
+def greedy_text_agreement(text: str, reference_tokens: list[int], stop_ids, tokenizer) -> dict:
+    """How many of the float model's greedy tokens (up to the first stop token, where a runtime that stops by itself
+    stops too) a runtime that returns only text reproduces: the longest prefix whose detokenized text `text` starts
+    with. For Google's engine (compare's litertlm rows, the harness's LiteRT-LM runs)."""
+    stops = set(stop_ids)
+    expected = []
+    for token in reference_tokens:
+        if token in stops:
+            break
+        expected.append(token)
+    agree = 0
+    for k in range(1, len(expected) + 1):
+        if not text.startswith(tokenizer.decode(expected[:k])):
+            break
+        agree = k
+    return {"greedy": agree / len(expected) if expected else float(text.strip() == ""),
+            "greedy_count": f"{agree}/{len(expected)}", "text": text}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import InputError
-from runtime_py.compare.metrics import embedding_metrics
+from runtime_py.compare.metrics import embedding_metrics, greedy_text_agreement
 
 
 @dataclass
@@ -187,19 +187,6 @@ def litertlm_greedy(bundle: Path, manifest: dict, tokenizer, prompt: str, ref_to
     tokens, detokenized, up to the first stop token (where the engine stops too)."""
     from runtime_py.engine import open_bundle
 
-    stops = set(stop_ids)
-    expected = []
-    for token in ref_tokens:
-        if token in stops:
-            break
-        expected.append(token)
     session = open_bundle(bundle, "litertlm", threads)
     text = "".join(session.generate(prompt, max_new_tokens=len(ref_tokens)))
-    agree = 0
-    for k in range(1, len(expected) + 1):
-        if not text.startswith(tokenizer.decode(expected[:k])):
-            break
-        agree = k
-    total = max(len(expected), 1)
-    return {"greedy": agree / total if expected else float(text == ""), "greedy_count": f"{agree}/{len(expected)}",
-            "text": text}
+    return greedy_text_agreement(text, ref_tokens, stop_ids, tokenizer)

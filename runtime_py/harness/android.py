@@ -535,22 +535,11 @@ def chunk_numerics(logits: np.ndarray, prepared: dict, quant: str, backend: str)
 
 
 def _greedy_text(job: AndroidJob, text: str, golden_tokens: list[int]) -> dict:
+    from runtime_py.compare.metrics import greedy_text_agreement
     from runtime_py.components.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(job.bundle / job.manifest["tokenizer"]["file"])
-    stops = set(job.manifest["tokenizer"]["stop_ids"])
-    expected = []
-    for t in golden_tokens:
-        if t in stops:
-            break
-        expected.append(t)
-    agree = 0
-    for k in range(1, len(expected) + 1):
-        if not text.startswith(tokenizer.decode(expected[:k])):
-            break
-        agree = k
-    return {"greedy": agree / len(expected) if expected else float(text.strip() == ""),
-            "greedy_count": f"{agree}/{len(expected)}", "text": text}
+    return greedy_text_agreement(text, golden_tokens, job.manifest["tokenizer"]["stop_ids"], tokenizer)
 
 
 # --- the Tensor NPU: ahead-of-time compilation -------------------------------------------------------------------------
