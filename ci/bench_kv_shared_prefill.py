@@ -76,6 +76,7 @@ def bench_exported(target, model, ids, repeats):
     from exporters import export
     from exporters.spec import ExportSpec
     from runtime_py.engine import DEFAULT_TOKENIZER
+    from contract.bundle import LITERTLM_FILE
     from runtime_py.executors.litert_executor import LiteRtExecutor
 
     T = ids.shape[1]
@@ -86,7 +87,7 @@ def bench_exported(target, model, ids, repeats):
             spec = ExportSpec(target=target, cache_len=T, prefill_lengths=(T,), kv_shared_prefill=last)
             folder = Path(tmp) / f"{target}-{last}"
             export(model, spec, folder, tokenizer_path=DEFAULT_TOKENIZER)
-            executors[last] = LiteRtExecutor(folder / "model.litertlm", T, (T,))
+            executors[last] = LiteRtExecutor(folder / LITERTLM_FILE, T, (T,))
         return _median_seconds({last: (lambda e=e: e.prefill(embeds, rows, 0)) for last, e in executors.items()},
                                repeats)
 

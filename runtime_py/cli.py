@@ -349,6 +349,7 @@ def _generate_token_ids(args) -> int:
 def cmd_bundle(args) -> int:
     import tempfile
 
+    from contract.bundle import MANIFEST
     from runtime_py.bundle import build_bundles
     from runtime_py.components.tokenizer import checkpoint_tokenizer
     from models import TextDecoder, load_pretrained, save_pretrained
@@ -390,7 +391,7 @@ def cmd_bundle(args) -> int:
         progress=progress, image_sizes=_image_sizes(args.image_sizes), jobs=jobs, log=log,
     )
     for target in targets:
-        manifest = json.loads((out / target / "manifest.json").read_text())
+        manifest = json.loads((out / target / MANIFEST).read_text())
         size = sum(f["size"] for f in manifest["files"])
         encoders = manifest.get("encoders")
         with_encoders = (f"; encoders {', '.join(encoders['components'])} at {encoders['image_sizes']} px "

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import InputError
+from contract.bundle import DECODE, LITERTLM_FILE, PREFILL_DECODE_SECTION, PTE_FILE, BundleManifest, prefill_name
 from runtime_py.harness import parsers
 
 REMOTE_ROOT = "/data/local/tmp/g3n-harness"
@@ -225,18 +226,18 @@ def prepare(job: AndroidJob) -> dict:
     golden = load_golden(bundle, manifest)
     T = min(manifest["export_spec"]["prefill_lengths"])
     ids = [int(i) for i in golden["prompt_ids"]][:T]
-    out = {"pushes": [], "prefill_signature": f"prefill_{T}", "chunk_ids": ids}
+    out = {"pushes": [], "prefill_signature": prefill_name(T), "chunk_ids": ids}
     if manifest["target"] == "android":
         (job.work / "prompt.txt").write_text(render([{"role": "user", "content": manifest["golden"]["prompt"]}]))
-        out["pushes"] += [(bundle / "model.litertlm", "model.litertlm"), (job.work / "prompt.txt", "inputs/prompt.txt")]
+        out["pushes"] += [(bundle / LITERTLM_FILE, LITERTLM_FILE), (job.work / "prompt.txt", "inputs/prompt.txt")]
         if {"benchmark_model", "run_model"} & set(job.runners):
             litert = _prepare_litert(job, ids, T)
             out["pushes"] += litert.pop("pushes")
             out.update(litert)
     else:
-        ptd = next(f["path"] for f in manifest["files"] if f["path"].endswith(".ptd"))
+        ptd = BundleManifest.of(bundle, manifest).ptd.name
         out["ptd"] = ptd
-        out["pushes"] += [(bundle / "model.pte", "model.pte"), (bundle / ptd, ptd)]
+        out["pushes"] += [(bundle / PTE_FILE, PTE_FILE), (bundle / ptd, ptd)]
         if "executor_runner" in job.runners:
             out.update(_prepare_executorch(job, ids, T))
             out["pushes"] += [(job.work / f, f"inputs/{f}") for files in out["methods"].values() for f in files]
@@ -248,15 +249,16 @@ def prepare(job: AndroidJob) -> dict:
 def _prepare_litert(job: AndroidJob, ids: list[int], T: int) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
-    from runtime_py.executors.litert_executor import LiteRtExecutor, litertlm_sections
+    from runtime_py.engine import open_bundle
+    from runtime_py.executors.litert_executor import litertlm_sections
 
     spec = job.manifest["export_spec"]
-    decoder = litertlm_sections(job.bundle / "model.litertlm")["prefill_decode"]
+    decoder = litertlm_sections(job.bundle / LITERTLM_FILE)[PREFILL_DECODE_SECTION]
     (job.work / "decoder.tflite").write_bytes(decoder)
     interpreter = Interpreter(model_content=decoder)
     signatures = list(interpreter.get_signature_list())
-    signature = f"prefill_{T}"
-    executor = LiteRtExecutor(job.bundle / "model.litertlm", spec["cache_len"], tuple(spec["prefill_lengths"]))
+    signature = prefill_name(T)
+    executor = open_bundle(job.bundle, "litert").executor
     arr = np.asarray(ids, np.int64)
     inputs = {"embeddings": executor.embed(arr).astype(np.float32),
               "per_layer_embeddings": executor.per_layer_rows(arr)[None].astype(np.float32),
@@ -276,13 +278,11 @@ def _prepare_litert(job: AndroidJob, ids: list[int], T: int) -> dict:
 
 def _prepare_executorch(job: AndroidJob, ids: list[int], T: int) -> dict:
     """Raw input files per method, in the method's input order (embeddings, per-layer rows, positions)."""
-    from runtime_py.executors.executorch_executor import ExecuTorchExecutor
+    from runtime_py.engine import open_bundle
 
-    spec = job.manifest["export_spec"]
-    ptd = job.bundle / next(f["path"] for f in job.manifest["files"] if f["path"].endswith(".ptd"))
-    executor = ExecuTorchExecutor(job.bundle / "model.pte", ptd, spec["cache_len"], tuple(spec["prefill_lengths"]))
+    executor = open_bundle(job.bundle, "executorch").executor
     methods = {}
-    for method, chunk, start in ((f"prefill_{T}", ids, 0), ("decode", ids[-1:], T)):
+    for method, chunk, start in ((prefill_name(T), ids, 0), (DECODE, ids[-1:], T)):
         arr = np.asarray(chunk, np.int64)
         tensors = [executor.embed(arr).astype(np.float32), executor.per_layer_rows(arr)[None].astype(np.float32),
                    np.arange(start, start + len(chunk), dtype=np.int64)]

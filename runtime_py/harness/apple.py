@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.bundle import COREML_PACKAGE
 from models.errors import InputError
 from runtime_py.harness import parsers
 
@@ -64,7 +65,7 @@ def compute_plan_placement(bundle: Path, manifest: dict, compute_units: str | No
     units = getattr(ct.ComputeUnit, compute_units or "ALL")
     per_function = {}
     for name in [f"prefill_{t}" for t in manifest["export_spec"]["prefill_lengths"]] + ["decode"]:
-        model = ct.models.MLModel(str(Path(bundle) / "model.mlpackage"), function_name=name, compute_units=units)
+        model = ct.models.MLModel(str(Path(bundle) / COREML_PACKAGE), function_name=name, compute_units=units)
         plan = MLComputePlan.load_from_path(model.get_compiled_model_path(), compute_units=units)
         counts: dict[str, int] = {}
         for function in plan.model_structure.program.functions.values():

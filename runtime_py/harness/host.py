@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import InputError
+from contract.bundle import LITERTLM_FILE, PTE_FILE
 from runtime_py.harness import numerics
 from runtime_py.harness.record import encoder_fields, percentiles
 
@@ -265,7 +266,7 @@ def _measure_litertlm(bundle: Path, manifest: dict, settings: dict, thresholds) 
     cache_dir = Path(tempfile.gettempdir()) / "g3n-litert-lm-cache"  # never inside the bundle
     cache_dir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    engine = litert_lm.Engine(str(bundle / "model.litertlm"),
+    engine = litert_lm.Engine(str(bundle / LITERTLM_FILE),
                               backend=litert_lm.Backend.CPU(thread_count=settings["threads"]),
                               activation_data_type=litert_lm.ActivationDataType.FLOAT32, cache_dir=str(cache_dir),
                               enable_benchmark=True)
@@ -326,14 +327,14 @@ def ops_per_unit(bundle: Path, manifest: dict, backend: str, threads: int, compu
         return {"used": "cpu: eager PyTorch (aten kernels)", "fully_accelerated": None,
                 "ops_per_unit": {"cpu (aten)": "all"}, "note": "no delegate: the reference runs every op on the CPU"}
     if backend in ("litert", "litertlm"):
-        out = litert_delegation(bundle / "model.litertlm", threads)
+        out = litert_delegation(bundle / LITERTLM_FILE, threads)
         if backend == "litertlm":
             out["used"] = "cpu: LiteRT-LM engine (XNNPACK)"
             out["note"] = ("the engine does not report its delegation; counts are of the same .litertlm graphs under "
                            "ai_edge_litert's XNNPACK delegate")
         return out
     if backend == "executorch":
-        return executorch_delegation(bundle / "model.pte")
+        return executorch_delegation(bundle / PTE_FILE)
     if backend == "coreml":
         from runtime_py.harness.apple import compute_plan_placement
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.bundle import MANIFEST
+
 SCHEMA = "g3n-harness/1"
 NOT_IN_BUNDLE = "not in bundle: the bundle holds no {what} (a text-only model's bundle)"
 NOT_MEASURED = "not measured: {why}"
@@ -46,7 +48,7 @@ SCHEMA_SOURCES = [
 def bundle_sha256(bundle: Path) -> str:
     """The sha256 of the bundle's manifest.json. The manifest lists every file with its own sha256 (and
     verify_bundle checks them), so this one digest names the whole bundle's contents."""
-    return hashlib.sha256((Path(bundle) / "manifest.json").read_bytes()).hexdigest()
+    return hashlib.sha256((Path(bundle) / MANIFEST).read_bytes()).hexdigest()
 
 
 def percentiles(samples) -> dict:
