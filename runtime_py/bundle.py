@@ -27,12 +27,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -309,8 +306,8 @@ def lower_targets(model: TextDecoder | Gemma3n, tmp: Path, specs: dict[str, Expo
     threads = max(1, (os.cpu_count() or 1) // workers)
     started = time.monotonic()
     # spawn, not fork: a forked child of a process whose torch thread pools already ran can deadlock.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1,
+                             initializer=_log_to, initargs=(log,)) as pool:
         futures = {}
         for target in order:
             spec = specs[target]
@@ -324,37 +321,22 @@ def lower_targets(model: TextDecoder | Gemma3n, tmp: Path, specs: dict[str, Expo
 
 def _lower_from_reference(target: str, tmp: Path, whole: bool, spec: ExportSpec, tokenizer_path: Path,
                           log: Path | None, threads: int) -> None:
-    """One target's lowering in a worker process, from the float checkpoint that build_bundles wrote first."""
+    """One target's lowering in a worker process (its output already goes to the log: _log_to), from the float
+    checkpoint that build_bundles wrote first."""
     torch.set_num_threads(threads)
     from models.checkpoint import load_pretrained, load_text_decoder
 
-    with converter_output(log):
-        model = (load_pretrained if whole else load_text_decoder)(tmp / REFERENCE_DIR, dtype=torch.float32)
-        _write_target(target, tmp / target, model.eval(), spec, Tokenizer(tokenizer_path))
+    model = (load_pretrained if whole else load_text_decoder)(tmp / REFERENCE_DIR, dtype=torch.float32)
+    _write_target(target, tmp / target, model.eval(), spec, Tokenizer(tokenizer_path))
 
 
-@contextmanager
-def converter_output(log: Path | None) -> Iterator[None]:
-    """The converters' output (litert-torch's stage lines, coremltools' progress bars, ExecuTorch's warnings, and
-    whatever their C++ parts write) appended to `log` at the file-descriptor level; None leaves it where it goes."""
-    if log is None:
-        yield
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "ab") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
+def _log_to(log: Path | None) -> None:
+    """A lowering worker's stdout and stderr, from its start (the converters' import-time warnings included),
+    appended to `log` at the file-descriptor level; None leaves them where they go."""
+    if log is not None:
+        with open(log, "ab") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
 
 
 def deterministic_zip(folder: Path, path: Path) -> None:

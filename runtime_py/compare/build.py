@@ -66,5 +66,6 @@ def _build_one(checkpoint, out, target, level, tokenizer, cache_len, prefill_len
     model = default_gemma3n() if checkpoint is None else load_pretrained(checkpoint, dtype=torch.float32)
     if not encoders:
         model = getattr(model, "language_model", model)
+    # The converters' output goes beside the bundle: <level>-<target>.log in the report's bundles/ folder.
     build_bundles(model, out, [target], level, tokenizer, cache_len, prefill_lengths, {"name": source},
-                  image_sizes=tuple(image_sizes))
+                  image_sizes=tuple(image_sizes), log=out.with_name(out.name + ".log"))
