@@ -76,16 +76,18 @@ def shared_build(tmp_path_factory, name: str, build) -> Path:
     return path
 
 
+# The converters' output of the shared builds goes to <name>.log beside each (it would otherwise reach the terminal
+# when the controller builds them).
 def _default_bundles(path: Path, jobs: int = JOBS) -> Path:
     return build_bundles(default_model(), path, ["android", "executorch", "ios"], cache_len=96, prefill_lengths=(16,),
-                         make_zip=True, jobs=jobs)
+                         make_zip=True, jobs=jobs, log=path.with_name(path.name + ".log"))
 
 
 def _multimodal_bundles(path: Path, jobs: int = JOBS) -> Path:
     from models.default import default_gemma3n
 
     return build_bundles(default_gemma3n(), path, ["android", "executorch"], cache_len=512, prefill_lengths=(64,),
-                         image_sizes=(256,), jobs=jobs)
+                         image_sizes=(256,), jobs=jobs, log=path.with_name(path.name + ".log"))
 
 
 SHARED_BUNDLES = {"default-bundles": _default_bundles, "multimodal-bundles": _multimodal_bundles}

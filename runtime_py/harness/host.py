@@ -24,12 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import InputError
-from contract.bundle import LITERTLM_FILE, PTE_FILE
+from contract.bundle import LITERTLM_FILE, PTE_FILE, TARGET_BACKENDS
 from runtime_py.harness import numerics
 from runtime_py.harness.record import encoder_fields, percentiles
 
-TARGET_BACKENDS = {"android": ("litert", "litertlm"), "executorch": ("executorch",), "ios": ("coreml",)}
-HOST_BACKENDS = ("torch", "litert", "litertlm", "executorch", "coreml")
 RUNTIMES = {  # backend -> (runtime name, the distribution whose version it reports)
     "torch": ("g3n reference runtime: PyTorch eager", "torch"),
     "litert": ("g3n reference runtime: ai_edge_litert Interpreter (XNNPACK)", "ai-edge-litert"),
