@@ -56,9 +56,9 @@ def bench_model(tiny: bool, seed: int = 0):
     from models.audio import AudioConfig
     from models.config import TINY
     from models.default import default_gemma3n
-    from models.random_init import randomise_
     from models.hf_reference import media_token_ids
     from models.multimodal import EmbedderConfig, Gemma3n, Gemma3nConfig, MediaTokens
+    from models.random_init import randomise_
     from models.vision import VisionConfig
 
     if tiny:

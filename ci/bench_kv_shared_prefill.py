@@ -73,10 +73,10 @@ def bench_exported(target, model, ids, repeats):
     """Both prefill graphs exported by the target's exporter and run by the runtime's executor for that target."""
     if target == "executorch":
         return bench_executorch(model, ids, repeats)
+    from contract.bundle import LITERTLM_FILE
     from exporters import export
     from exporters.spec import ExportSpec
     from runtime_py.engine import DEFAULT_TOKENIZER
-    from contract.bundle import LITERTLM_FILE
     from runtime_py.executors.litert_executor import LiteRtExecutor
 
     T = ids.shape[1]

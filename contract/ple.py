@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.bundle import PLE_ASSET_FILE as FILE_NAME
 from models.errors import InputError
 
 FORMAT = "gemma3n-ple/1"

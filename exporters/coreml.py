@@ -48,6 +48,8 @@ from contract.bundle import AUDIO_PACKAGE, DECODE, VISION_PACKAGE
 from contract.bundle import COREML_PACKAGE as PACKAGE_NAME
 from contract.bundle import prefill_name as prefill_function_name
 from contract.bundle import vision_encoder_name as vision_function_name
+from exporters.ple import write_ple_asset
+from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.encoders import (
     AudioEmbedder,
     VisionEmbedder,
@@ -55,8 +57,6 @@ from models.encoders import (
     golden_media,
     vision_sample_inputs,
 )
-from exporters.ple import write_ple_asset
-from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.multimodal import Gemma3n
 from models.text import KVCache, TextDecoder
 

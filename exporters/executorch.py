@@ -52,9 +52,14 @@ from contract.bundle import (
     prefill_name,
     vision_encoder_name,
 )
-from models.encoders import AudioEmbedder, VisionEmbedder, audio_sample_inputs, vision_sample_inputs
 from exporters.ple import quantize_rows_int8
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
+from models.encoders import (
+    AudioEmbedder,
+    VisionEmbedder,
+    audio_sample_inputs,
+    vision_sample_inputs,
+)
 from models.errors import InputError
 from models.multimodal import Gemma3n
 from models.text import RMSNorm, TextDecoder, in_dtype
@@ -441,7 +446,11 @@ def bounded_dynamic_quant_layout():
     input then computes garbage, or XNNPACK fails at run time ("Propagating input shapes failed"). Upstream:
     pytorch/executorch#21637. Here the walk stops at the quantized activation, its inputs hidden for the call."""
     import executorch.backends.xnnpack._passes as xnnpack_passes
-    from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_dynamic_qdq, is_quant
+    from executorch.backends.xnnpack.utils.quant_utils import (
+        is_dequant,
+        is_dynamic_qdq,
+        is_quant,
+    )
 
     original = xnnpack_passes.ChannelsLastTaggedReshapePass
 
@@ -468,8 +477,14 @@ def bounded_dynamic_quant_layout():
 def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None):
     """One program of `programs` (name -> ExportedProgram), each lowered to XNNPACK, plus `aliases` (name -> the
     name of a lowered method it repeats: the default vision size, lowered once)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeProgramManager, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
+    from executorch.exir import (
+        EdgeProgramManager,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
     from executorch.exir.passes import MemoryPlanningPass
 
     # Table lookups stay on the portable embedding kernel, which reads rows straight from the mapped .ptd.

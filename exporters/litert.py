@@ -72,9 +72,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contract.bundle import DECODE, LITERT_AUDIO_FRAMES, LITERTLM_FILE, prefill_name, vision_signature
-from models.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder
+from contract.bundle import (
+    DECODE,
+    LITERT_AUDIO_FRAMES,
+    LITERTLM_FILE,
+    prefill_name,
+    vision_signature,
+)
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
+from models.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder
 from models.errors import InputError
 from models.multimodal import Gemma3n
 from models.text import TextDecoder

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from contract.bundle import PLE_ASSET_FILE as FILE_NAME
+from contract.ple import FORMAT, METADATA_KEY
 from models.text import TextDecoder
-from contract.ple import FILE_NAME, FORMAT, METADATA_KEY
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

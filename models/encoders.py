@@ -21,7 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.audio import AUDIO_WINDOW_FRAMES, AUDIO_WINDOW_SAMPLES, SAMPLE_RATE, log_mel_features
+from models.audio import (
+    AUDIO_WINDOW_FRAMES,
+    AUDIO_WINDOW_SAMPLES,
+    SAMPLE_RATE,
+    log_mel_features,
+)
 from models.multimodal import Gemma3n
 from models.vision import preprocess_images
 

@@ -28,7 +28,12 @@ TEST_AUDIO = dict(
 
 
 def hf_config(cfg: TextConfig, layout: str = CAUSAL_LM, vision_args: dict | None = None, audio: dict | None = None):
-    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
+    from transformers import (
+        Gemma3nAudioConfig,
+        Gemma3nConfig,
+        Gemma3nTextConfig,
+        Gemma3nVisionConfig,
+    )
 
     text = Gemma3nTextConfig(**cfg.to_hf_text_dict())
     if layout == CAUSAL_LM:

@@ -350,11 +350,11 @@ def cmd_bundle(args) -> int:
     import tempfile
 
     from contract.bundle import MANIFEST
-    from runtime_py.bundle import build_bundles
-    from runtime_py.components.tokenizer import checkpoint_tokenizer
     from models import TextDecoder, load_pretrained, save_pretrained
     from models.errors import InputError
     from models.matformer import parse_int_list, slice_checkpoint
+    from runtime_py.bundle import build_bundles
+    from runtime_py.components.tokenizer import checkpoint_tokenizer
 
     model, source = _load_whole(args)
     info = {"name": source}
@@ -420,9 +420,8 @@ def cmd_export(args) -> int:
     from exporters import export
     from exporters.spec import EXPORT_RECORD, ExportSpec
     from models.matformer import parse_int_list
-
-    from runtime_py.bundle import default_cache_len
     from models.multimodal import Gemma3n
+    from runtime_py.bundle import default_cache_len
 
     model, source = _load_whole(args)
     whole = isinstance(model, Gemma3n)
@@ -504,12 +503,12 @@ def cmd_parity(args) -> int:
 def cmd_compare(args) -> int:
     from rich.console import Console
 
-    from runtime_py.bundle import GOLDEN_PROMPT, QUANT_LEVELS, TARGETS
-    from runtime_py.components.tokenizer import checkpoint_tokenizer
     from models.errors import InputError
     from models.fileio import atomic_directory
     from models.matformer import parse_int_list
     from runtime_py import compare
+    from runtime_py.bundle import GOLDEN_PROMPT, QUANT_LEVELS, TARGETS
+    from runtime_py.components.tokenizer import checkpoint_tokenizer
 
     if args.bundle and args.checkpoint:
         raise InputError("give --bundle DIR ... or --checkpoint DIR, not both")

@@ -13,7 +13,6 @@ from runtime_py.components.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from runtime_py.session import Session
 
 
-
 def session_for_model(model, tokenizer_path=DEFAULT_TOKENIZER, cache_len: int = 256,
                       prefill_lengths: tuple[int, ...] = (32,), image_sizes: tuple[int, ...] | None = None) -> Session:
     """A torch-backend session straight over a TextDecoder or a whole Gemma3n (no bundle): the reference every bundle

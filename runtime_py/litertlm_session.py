@@ -9,7 +9,12 @@ from pathlib import Path
 
 from models.errors import InputError
 from runtime_py.components.chat_template import render
-from runtime_py.components.media import as_list, has_media_items, image_frames, media_items
+from runtime_py.components.media import (
+    as_list,
+    has_media_items,
+    image_frames,
+    media_items,
+)
 from runtime_py.components.timing import Timing
 from runtime_py.executors.litert_executor import litertlm_section_list
 

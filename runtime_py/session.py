@@ -26,13 +26,19 @@ from contract.bundle import BundleManifest
 from models.errors import InputError
 from models.multimodal import MediaTokens
 from runtime_py.components.chat_template import render
-from runtime_py.components.media import MediaPrompt, MediaTokenRows, as_list, build_media_prompt, has_media_items, image_frames
-from runtime_py.components.timing import Timing
+from runtime_py.components.media import (
+    MediaPrompt,
+    MediaTokenRows,
+    as_list,
+    build_media_prompt,
+    has_media_items,
+    image_frames,
+)
 from runtime_py.components.sampler import Sampler
 from runtime_py.components.stop import StopDetector
+from runtime_py.components.timing import Timing
 from runtime_py.components.tokenizer import Tokenizer
 from runtime_py.executors.base import EncoderRunner, Executor
-
 
 NO_ENCODERS = ("this bundle has no image or audio encoders (it was built from a text-only model; bundle a whole "
                "Gemma 3n: g3n bundle without --checkpoint or --text-only, or a Gemma3nForConditionalGeneration "

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from models.checkpoint import CAUSAL_LM, CONDITIONAL_GENERATION
+from models.config import E4B, TINY
+from models.default import default_model
+from models.hf_reference import write_random_checkpoint
 from runtime_py.bundle import build_bundles
 from runtime_py.cli import main
-from models.checkpoint import CAUSAL_LM, CONDITIONAL_GENERATION
-from models.default import default_model
-from models.config import E4B, TINY
-from models.hf_reference import write_random_checkpoint
 
 # E4B's layer structure (35 layers, 15 KV-shared, the 4:1 sliding/global pattern, sparsity on the first 10) at toy
 # width, with FFN width a little above E2B's 8192 so that the e2b slice really cuts neurons.

@@ -26,9 +26,9 @@ from models.audio import (
     log_mel_features,
     num_audio_tokens,
 )
-from models.random_init import randomise_
 from models.errors import InputError
 from models.hf_reference import TEST_AUDIO
+from models.random_init import randomise_
 
 transformers = pytest.importorskip("transformers")
 WINDOW = 30 * SAMPLE_RATE

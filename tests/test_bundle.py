@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
+from conftest import assert_one_error_line, run_cli
 from contract.bundle import TARGET_BACKENDS
-from runtime_py.bundle import build_bundles
 from models.default import default_model
 from models.errors import InputError
-from conftest import assert_one_error_line, run_cli
+from runtime_py.bundle import build_bundles
 from runtime_py.cli import main
 from runtime_py.engine import open_bundle
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import assert_one_error_line, run_cli
 from models import load_pretrained
 from models.generate import prefill_and_decode
-from conftest import assert_one_error_line, run_cli
-
 
 run = run_cli
 

@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from runtime_py.compare.debug_export import export_debug, open_debug
 from exporters.spec import ExportSpec
 from models.config import TINY_4_LAYERS
-from models.random_init import randomise_
 from models.errors import InputError
+from models.random_init import randomise_
 from models.text import TextDecoder
 from runtime_py import compare
 from runtime_py.cli import main
+from runtime_py.compare.debug_export import export_debug, open_debug
 
 SMALL = TINY_4_LAYERS
 CACHE_LEN, PREFILL_LEN, STEPS = 48, 8, 6

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from contract.bundle import PLE_ASSET_FILE
 from exporters.coreml import (
     MIN_QUANTIZED_ELEMENTS,
     compress,
@@ -22,7 +23,6 @@ from exporters.coreml import (
     summarize_mlpackage,
     write_package,
 )
-from contract.bundle import PLE_ASSET_FILE
 from exporters.spec import EXPORT_RECORD, ExportSpec
 from models.default import default_model
 from models.generate import prefill_and_decode

@@ -16,6 +16,7 @@ import pytest
 import torch
 from coremltools.models.utils import load_spec
 
+from contract.bundle import PLE_ASSET_FILE
 from exporters.coreml import (
     AUDIO_PACKAGE,
     ENCODER_WEIGHT_OPS,
@@ -30,10 +31,8 @@ from exporters.coreml import (
     summarize_mlpackage,
     write_package,
 )
-from models.encoders import AudioEmbedder, VisionEmbedder, golden_media
-from contract.bundle import PLE_ASSET_FILE
 from exporters.spec import EXPORT_RECORD, ExportSpec
-from models.default import default_gemma3n
+from models.encoders import AudioEmbedder, VisionEmbedder, golden_media
 from models.errors import InputError
 from runtime_py.executors.coreml_executor import CoreMLEncoders, coreml_can_predict
 from runtime_py.executors.torch_executor import TorchEncoders

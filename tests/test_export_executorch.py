@@ -7,21 +7,20 @@ minutes per 8-layer model on 2 shared cores, stays within the test budget.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from contract.bundle import PTD_FILE, PTE_FILE
+from contract.ple import PleTable
 from exporters.executorch import export_decoder, export_executorch, quantize_decoder_
 from exporters.ple import write_ple_asset
 from exporters.spec import EXPORT_RECORD, ExportSpec
 from models.config import TINY_4_LAYERS
-from models.random_init import randomise_
 from models.errors import InputError
 from models.generate import prefill_and_decode
+from models.random_init import randomise_
 from models.text import TextDecoder
-from contract.ple import PleTable
 
 SMALL = TINY_4_LAYERS
 CACHE_LEN, PROMPT_LEN, STEPS = 32, 8, 8

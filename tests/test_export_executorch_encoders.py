@@ -17,8 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.encoders import golden_media
-from contract.bundle import AUDIO_ENCODER, MANIFEST, PTD_FILE, PTE_FILE, VISION_ENCODER, vision_encoder_name
+from contract.bundle import (
+    AUDIO_ENCODER,
+    MANIFEST,
+    PTD_FILE,
+    PTE_FILE,
+    VISION_ENCODER,
+    vision_encoder_name,
+)
 from exporters.executorch import (
     Int8WeightOnlyConv,
     XnnpackRMSNorm2d,
@@ -30,12 +36,13 @@ from exporters.executorch import (
 )
 from exporters.spec import ENCODER_QUANT_SCHEMES, ExportSpec
 from models.default import default_gemma3n, default_model
-from models.random_init import randomise_
+from models.encoders import golden_media
 from models.errors import InputError
 from models.generate import prefill_and_decode_embeddings
+from models.random_init import randomise_
 from models.vision import Conv2dSame, RMSNorm2d
-from runtime_py.executors.torch_executor import TorchEncoders
 from runtime_py.executors.executorch_executor import ExecuTorchEncoders, load_program
+from runtime_py.executors.torch_executor import TorchEncoders
 
 # The shared float multimodal bundles (tests/conftest.py): 256 px, prefill 64, a 512-position cache, int8 PLE rows.
 SIZE, CACHE_LEN, PROMPT_LEN, STEPS = 256, 512, 64, 8

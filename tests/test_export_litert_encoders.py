@@ -22,15 +22,25 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from contract.bundle import LITERTLM_FILE
 from exporters import litert
-from models.encoders import (AudioEncoder, audio_window_inputs, golden_audio, golden_image, golden_media,
-                                media_token_embeddings)
 from exporters.spec import ENCODER_QUANT_SCHEMES, EXPORT_RECORD, ExportSpec
 from models.default import default_gemma3n
+from models.encoders import (
+    AudioEncoder,
+    audio_window_inputs,
+    golden_audio,
+    golden_image,
+    golden_media,
+    media_token_embeddings,
+)
 from models.errors import InputError
 from models.generate import prefill_and_decode_embeddings
-from contract.bundle import LITERTLM_FILE
-from runtime_py.executors.litert_executor import LiteRtEncoders, LiteRtExecutor, litertlm_section_list
+from runtime_py.executors.litert_executor import (
+    LiteRtEncoders,
+    LiteRtExecutor,
+    litertlm_section_list,
+)
 from runtime_py.executors.torch_executor import TorchEncoders
 from runtime_py.litertlm_session import LitertLmSession
 

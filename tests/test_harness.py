@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_error_line
 
+from conftest import assert_one_error_line
 from models.errors import G3nError, InputError
 from runtime_py.harness import android, apple, history, numerics, parsers
 from runtime_py.harness.cli import build_parser, run

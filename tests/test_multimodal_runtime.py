@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.encoders import audio_window_inputs, golden_audio, golden_image
 from models.audio import SAMPLE_RATE
-from models.default import default_gemma3n, default_model
+from models.default import default_model
+from models.encoders import audio_window_inputs, golden_audio, golden_image
 from models.errors import InputError
 from models.generate import prefill_and_decode_embeddings
 from models.vision import preprocess_images

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from contract.ple import PleTable
 from exporters.ple import write_ple_asset, write_ple_table
 from models.default import default_model
 from models.errors import InputError
-from contract.ple import PleTable
 
 # int8 with per-row scales: each value is off by at most half a step, scale / 2 = max|row| / 254, times sqrt(P).
 INT8_REL_TOL = 1 / 254

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.random_init import randomise_
 from models.errors import CheckpointError, InputError
 from models.hf_reference import TEST_VISION_ARGS
+from models.random_init import randomise_
 from models.vision import ARCHITECTURE, MobileNetV5, VisionConfig, preprocess_images
 
 REL_TOL = 1e-4

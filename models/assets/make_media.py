@@ -15,8 +15,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from models.encoders import golden_audio, golden_image  # noqa: E402
 from models.audio import SAMPLE_RATE  # noqa: E402
+from models.encoders import golden_audio, golden_image  # noqa: E402
 
 IMAGE, AUDIO = Path(__file__).with_name("sample.png"), Path(__file__).with_name("sample.wav")
 

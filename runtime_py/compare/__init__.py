@@ -49,8 +49,19 @@ from contract.bundle import TARGET_BACKENDS
 from models.errors import InputError
 from runtime_py.compare.build import build_for_comparison
 from runtime_py.compare.localisation import localise, localise_bundle, lookup_errors
-from runtime_py.compare.metrics import decoder_metrics, embedding_metrics, leading_agreement, position_metrics, relative_error
-from runtime_py.compare.report import LITERTLM_NOTE, markdown, renamed_paths, write_report
+from runtime_py.compare.metrics import (
+    decoder_metrics,
+    embedding_metrics,
+    leading_agreement,
+    position_metrics,
+    relative_error,
+)
+from runtime_py.compare.report import (
+    LITERTLM_NOTE,
+    markdown,
+    renamed_paths,
+    write_report,
+)
 from runtime_py.compare.thresholds import (
     CALIBRATION_COMMENT,
     COMPONENTS,
@@ -69,6 +80,14 @@ from runtime_py.compare.trace import (
     prompt_ids_for,
     run_trace,
 )
+
+__all__ = [  # the package's public names, for the CLI, the harness and the tests
+    "CALIBRATION_COMMENT", "COMPONENTS", "Comparison", "DEFAULT_THRESHOLDS", "LITERTLM_NOTE", "METRICS", "Row",
+    "TARGET_BACKENDS", "build_for_comparison", "check_cell", "check_cells_present", "check_encoders",
+    "decoder_metrics", "embedding_metrics", "leading_agreement", "load_thresholds", "localise", "markdown",
+    "plan_builds", "position_metrics", "relative_error", "renamed_paths", "run_comparison", "run_trace",
+    "skip_reason", "thresholds_from_report", "write_report",
+]
 
 SCHEMA = "g3n-compare/1"
 DEFAULT_THRESHOLDS = Path(__file__).resolve().parents[2] / "ci" / "thresholds.json"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 # The vision encoder's sizes in the bundles g3n compare builds: the default size, at which the int8 encoders' bar
 # (cosine >= 0.99) is set. Each further size is another lowering per bundle, and `make compare` has ~10 minutes.
 COMPARE_IMAGE_SIZES = (768,)
@@ -57,9 +56,9 @@ def _build_one(checkpoint, out, target, level, tokenizer, cache_len, prefill_len
                encoders: bool = True) -> None:
     import torch
 
-    from runtime_py.bundle import build_bundles
     from models.checkpoint import load_pretrained
     from models.default import default_gemma3n
+    from runtime_py.bundle import build_bundles
 
     # The whole model where there is one (the default; a Gemma3nForConditionalGeneration checkpoint): its bundles
     # carry the encoders, and the report compares them too.

@@ -10,7 +10,12 @@ import numpy as np
 
 from runtime_py.compare.metrics import relative_error
 from runtime_py.compare.thresholds import stage_limit
-from runtime_py.compare.trace import FloatReference, Trace, embed_as_whole_model, run_trace
+from runtime_py.compare.trace import (
+    FloatReference,
+    Trace,
+    embed_as_whole_model,
+    run_trace,
+)
 
 
 def stage_errors(reference: Trace, debug: Trace, lookup_errors: dict[str, float] | None = None) -> list[tuple[str, float]]:
@@ -66,8 +71,8 @@ def localise_bundle(job, bundle: Path, manifest: dict, backend: str, reference: 
     runs it, and names the first divergent stage."""
     import tempfile
 
-    from runtime_py.compare.debug_export import export_debug, open_debug
     from exporters.spec import ExportSpec
+    from runtime_py.compare.debug_export import export_debug, open_debug
 
     spec_dict = dict(manifest["export_spec"])
     spec_dict["prefill_lengths"] = tuple(spec_dict["prefill_lengths"])

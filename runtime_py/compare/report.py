@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-
 LITERTLM_NOTE = ("litertlm is Google's LiteRT-LM engine, which returns text only: for it greedy-token agreement alone is "
                  "measured (its greedy text against the float model's detokenized greedy tokens).")
 

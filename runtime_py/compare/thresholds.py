@@ -9,7 +9,6 @@ from pathlib import Path
 
 from models.errors import InputError
 
-
 DEFAULT_STAGE_LIMIT = 1e-3  # relative error of a stage when a cell names no limit for it
 STAGES_KEY = "stages"  # the cell's per-stage relative-error limits for localisation
 # Which way each metric may drift: an upper limit ("max") for errors, a lower limit ("min") for agreements.

@@ -24,7 +24,11 @@ import numpy as np
 
 from models.errors import InputError
 from models.multimodal import MediaTokens
-from runtime_py.components.chat_template import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, render
+from runtime_py.components.chat_template import (
+    AUDIO_PLACEHOLDER,
+    IMAGE_PLACEHOLDER,
+    render,
+)
 
 SPAN_MARGIN = "\n\n"  # the text transformers' processor puts on both sides of a media span
 
@@ -88,8 +92,8 @@ def preprocess_images(frames: list, size: int) -> list[np.ndarray]:
 
 def preprocess_audio(clips: list) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
     """Each clip (path or array) -> its 30 s windows as the exported encoder's inputs; and the window count per clip."""
-    from models.encoders import audio_window_inputs
     from models.audio import audio_windows, load_audio
+    from models.encoders import audio_window_inputs
 
     windows, counts = [], []
     for clip in clips:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import sys
 
-from contract.bundle import BACKENDS, LITERTLM_FILE, PLE_ASSET_FILE, PTE_FILE, BundleManifest
+from contract.bundle import (
+    BACKENDS,
+    LITERTLM_FILE,
+    PLE_ASSET_FILE,
+    PTE_FILE,
+    BundleManifest,
+)
 from models.errors import InputError
 
 __all__ = ["BACKENDS", "load_executor", "load_encoders"]

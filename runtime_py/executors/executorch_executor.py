@@ -22,7 +22,6 @@ from models.errors import InputError
 from runtime_py.executors.base import check_image_size
 
 
-
 def load_program(pte: Path, ptd: Path):
     """The program of `pte` with its external weights `ptd`; both are memory-mapped."""
     import executorch.kernels.quantized  # noqa: F401  (registers the kernels quantized programs call)

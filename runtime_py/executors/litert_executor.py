@@ -5,7 +5,6 @@ LiteRT-LM engine on the same file (runtime_py.litertlm_session) reads its sectio
 from __future__ import annotations
 
 import io
-import tempfile
 from pathlib import Path
 
 import numpy as np

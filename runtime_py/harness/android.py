@@ -39,8 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.bundle import (
+    DECODE,
+    LITERTLM_FILE,
+    PREFILL_DECODE_SECTION,
+    PTE_FILE,
+    BundleManifest,
+    prefill_name,
+)
 from models.errors import InputError
-from contract.bundle import DECODE, LITERTLM_FILE, PREFILL_DECODE_SECTION, PTE_FILE, BundleManifest, prefill_name
 from runtime_py.harness import parsers
 
 REMOTE_ROOT = "/data/local/tmp/g3n-harness"

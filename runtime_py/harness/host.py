@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import InputError
 from contract.bundle import LITERTLM_FILE, PTE_FILE, TARGET_BACKENDS
+from models.errors import InputError
 from runtime_py.harness import numerics
 from runtime_py.harness.record import encoder_fields, percentiles
 
@@ -257,8 +257,8 @@ def _measure_litertlm(bundle: Path, manifest: dict, settings: dict, thresholds) 
 
     from runtime_py import compare
     from runtime_py.components.chat_template import render
-    from runtime_py.components.tokenizer import Tokenizer
     from runtime_py.components.timing import Timing
+    from runtime_py.components.tokenizer import Tokenizer
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     cache_dir = Path(tempfile.gettempdir()) / "g3n-litert-lm-cache"  # never inside the bundle
