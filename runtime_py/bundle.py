@@ -209,7 +209,7 @@ def build_bundles(
     jobs: targets lowered at once, each in a process of its own (see lower_targets). log: where the converters'
     output goes (appended); None leaves it on this process's stdout and stderr. progress: one call per step."""
     from models.encoders import golden_media, media_token_embeddings
-    from runtime_py.engine import DEFAULT_TOKENIZER
+    from runtime_py.components.tokenizer import DEFAULT_TOKENIZER
 
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
