@@ -93,23 +93,32 @@ def _multimodal_bundles(path: Path, jobs: int = JOBS) -> Path:
 SHARED_BUNDLES = {"default-bundles": _default_bundles, "multimodal-bundles": _multimodal_bundles}
 
 
+_PREBUILDS = pytest.StashKey[list]()
+
+
 def pytest_sessionstart(session):
-    """A whole-suite run under pytest-xdist builds the two shared bundle sets first, side by side, before the workers
-    start on the tests: a worker that needs one would otherwise wait, idle, while the other builds it."""
+    """A whole-suite run under pytest-xdist starts the two shared bundle sets in the controller, side by side, in
+    the background: the workers begin with the files that need neither (SLOW_FIRST), and a test that needs one
+    waits on its lock only if it is still being built."""
     config = session.config
     whole_suite = not config.option.file_or_dir and not config.option.keyword and not config.option.markexpr
     if hasattr(config, "workerinput") or not whole_suite or not getattr(config.option, "numprocesses", None):
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    def build_alone(build):  # one lowering process each: the two builds fill the two cores
+    def build_alone(build):  # one lowering process each, beside the two workers
         return lambda path: build(path, jobs=1)
 
-    with ThreadPoolExecutor(len(SHARED_BUNDLES)) as pool:
-        futures = [pool.submit(shared_build, config._tmp_path_factory, name, build_alone(build))
-                   for name, build in SHARED_BUNDLES.items()]
-        for future in futures:
-            future.result()
+    pool = ThreadPoolExecutor(len(SHARED_BUNDLES))
+    config.stash[_PREBUILDS] = [pool.submit(shared_build, config._tmp_path_factory, name, build_alone(build))
+                                for name, build in SHARED_BUNDLES.items()]
+    pool.shutdown(wait=False)
+
+
+def pytest_sessionfinish(session):
+    # A failed prebuild is not lost: the test that needed it built it again itself (and failed in its own report).
+    for future in session.config.stash.get(_PREBUILDS, []):
+        future.exception()
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -152,11 +161,10 @@ def multimodal_bundles(tmp_path_factory):
 
 
 # The files whose conversions take minutes start first, so that no worker is left with one of them at the end; the
-# first two need different shared builds (the multimodal and the default bundles), so neither worker waits for the
-# other at the start.
-SLOW_FIRST = ("test_compare.py", "test_bundle.py", "test_export_executorch.py", "test_export_executorch_encoders.py",
-              "test_export_litert_encoders.py", "test_export_coreml_encoders.py", "test_multimodal_runtime.py",
-              "test_harness.py", "test_export_coreml.py", "test_export_litert.py", "test_vision.py")
+# first ones need no shared bundle, so the workers convert while the controller builds those (pytest_sessionstart).
+SLOW_FIRST = ("test_export_litert_encoders.py", "test_export_executorch.py", "test_export_coreml_encoders.py",
+              "test_export_coreml.py", "test_vision.py", "test_export_litert.py", "test_compare.py", "test_bundle.py",
+              "test_export_executorch_encoders.py", "test_multimodal_runtime.py", "test_harness.py")
 
 
 def pytest_collection_modifyitems(config, items):
