@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test compare clean
+.PHONY: install run test long compare clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q --durations=25
+
+# The tests that take minutes each, run by .ci/run after `make test`: the exporters over a grid of small valid
+# configs (tests/test_config_sweep.py) and the default bundles rebuilt in two processes, byte for byte
+# (tests/test_reproducible.py).
+long: install
+	$(BIN)/python -m pytest -q --long --dist load tests/test_config_sweep.py tests/test_reproducible.py
 
 # The numerics gate: bundles of the default model at every quantization level, each Linux backend against the float
 # PyTorch model; prints report.md and fails past a limit of ci/thresholds.json (report in out/compare).

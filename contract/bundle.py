@@ -2,13 +2,16 @@
 executors, session, engine, compare, harness) must agree on, the manifest and its check.
 
 A bundle is one folder per target (android, ios, executorch) beside reference/ (the float checkpoint). manifest.json
-lists every file with its size and sha256; `verify_bundle` refuses a bundle whose files were changed, truncated or
-removed, naming the file, and a manifest of an unknown schema version; `BundleManifest` is its typed reading.
+lists every file with its size and sha256 and is held to a strict schema (manifest.schema.json); `verify_bundle`
+trusts nothing in it: a key out of the schema, a path leaving the folder, a symbolic link, a file changed, truncated,
+removed or not listed, a cache larger than the model or the machine allows: each is refused naming the file or key.
+`bundle_digest` (the manifest's sha256) names a whole bundle; `BundleManifest` is the typed reading.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,21 +102,115 @@ def file_entries(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> list[dic
     return entries
 
 
+SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
+
+
 def read_manifest(bundle: Path) -> dict:
+    """manifest.json, held to the strict schema (contract/manifest.schema.json): a missing or unknown key, a wrong
+    type (a boolean is not a number) or a value out of range is one InputError naming the key."""
     path = Path(bundle) / MANIFEST
     manifest = read_json_object(Path(bundle), MANIFEST, "bundle", "not a gemma3n-mobile bundle")
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
+    version = manifest.get("schema_version")
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
         raise InputError(f"{path}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
+    _check_schema(manifest, path)
+    _check_consistency(manifest, path)
     return manifest
 
 
-def verify_bundle(bundle: Path) -> dict:
-    """Reads the manifest and checks every listed file's size and sha256; returns the manifest."""
-    bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    for entry in manifest.get("files", []):
-        path = bundle / entry["path"]
+def _check_schema(manifest: dict, path: Path) -> None:
+    import json
+
+    from jsonschema import Draft202012Validator, validators
+    from jsonschema.exceptions import best_match
+
+    # JSON Schema counts 512.0 as an integer; the runtime allocates from these values, so an integer is an int here.
+    types = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    strict = validators.extend(Draft202012Validator, type_checker=types)
+    error = best_match(strict(json.loads(SCHEMA_FILE.read_text())).iter_errors(manifest))
+    if error is not None:
+        key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+        message = error.message if len(error.message) <= 160 else error.message[:157] + "..."
+        raise InputError(f"{path}: {key}: {message}")
+
+
+def _check_consistency(m: dict, path: Path) -> None:
+    """What the schema cannot say: the values agree with each other and with the model's own config, and what the
+    runtime allocates from them fits this machine's memory."""
+    cfg, spec, tok = m["model"]["config"], m["export_spec"], m["tokenizer"]
+
+    def refuse(key: str, why: str):
+        raise InputError(f"{path}: {key}: {why}")
+
+    if m["runtime"] != TARGET_RUNTIMES[m["target"]] or spec["target"] != m["runtime"]:
+        refuse("runtime", f"{m['runtime']!r} (export_spec.target {spec['target']!r}) does not run target "
+                          f"{m['target']!r}")
+    layers = cfg["num_hidden_layers"]
+    for key in ("intermediate_size", "layer_types", "activation_sparsity_pattern"):
+        if len(cfg[key]) != layers:
+            refuse(f"model.config.{key}", f"{len(cfg[key])} entries for {layers} layers")
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        refuse("model.config.num_key_value_heads", "does not divide num_attention_heads")
+    if not 0 <= cfg["num_kv_shared_layers"] < layers:
+        refuse("model.config.num_kv_shared_layers", f"{cfg['num_kv_shared_layers']} of {layers} layers")
+    if spec["cache_len"] > cfg["max_position_embeddings"]:
+        refuse("export_spec.cache_len", f"{spec['cache_len']} exceeds the model's max_position_embeddings "
+                                        f"{cfg['max_position_embeddings']}")
+    if max(spec["prefill_lengths"]) > spec["cache_len"]:
+        refuse("export_spec.prefill_lengths", f"{spec['prefill_lengths']} do not fit a cache of {spec['cache_len']}")
+    vocab = cfg["vocab_size"]
+    if tok["vocab_size"] > vocab:
+        refuse("tokenizer.vocab_size", f"{tok['vocab_size']} exceeds the model's vocab_size {vocab}")
+    for key, ids in (("tokenizer.bos_id", [tok["bos_id"]]), ("tokenizer.stop_ids", tok["stop_ids"]),
+                     ("golden.prompt_ids", m["golden"]["prompt_ids"]),
+                     ("golden.greedy_tokens", m["golden"]["greedy_tokens"])):
+        if max(ids) >= vocab and key != "golden.prompt_ids":  # prompts may hold media ids beyond the text vocabulary
+            refuse(key, f"id {max(ids)} is outside the vocabulary of {vocab}")
+    if "encoders" in m and m["encoders"]["image_sizes"] != spec["image_sizes"] and "vision" in spec["components"]:
+        refuse("encoders.image_sizes", "differs from export_spec.image_sizes")
+    if set(spec["components"]) - {"decoder"} and "encoders" not in m:
+        refuse("encoders", f"missing for components {spec['components']}")
+    # The KV cache the runtimes allocate (float32 at most): bounded by the machine, before any allocation.
+    owners = layers - cfg["num_kv_shared_layers"]
+    cache_bytes = 2 * owners * cfg["num_key_value_heads"] * spec["cache_len"] * cfg["head_dim"] * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if cache_bytes > memory // 2:
+        refuse("export_spec.cache_len", f"a KV cache of {spec['cache_len']} positions takes "
+                                        f"{cache_bytes / 2**30:.1f} GiB, more than half of this machine's "
+                                        f"{memory / 2**30:.1f} GiB")
+
+
+def bundle_digest(bundle: Path) -> str:
+    """sha256 of manifest.json: the manifest lists every file of the bundle with its sha256 (verify_bundle refuses a
+    file it does not list), so this one digest names the whole bundle."""
+    return sha256_of(Path(bundle) / MANIFEST)
+
+
+def _listed_path(folder: Path, entry: dict, where: Path) -> Path:
+    """A manifest entry's path: relative, inside `folder`, no '..' and no symlink on the way."""
+    rel = entry["path"]
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or any(part in ("", ".", "..") for part in parts):
+        raise InputError(f"{where}: files: {rel!r} is not a plain relative path inside the bundle")
+    path = folder
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise InputError(f"{path}: a symbolic link (a bundle holds plain files only)")
+    return path
+
+
+def verify_files(folder: Path, entries: list[dict], where: Path, complete: bool) -> None:
+    """Every entry's file is there with its size and sha256; with complete=True, every file below `folder` (but
+    the manifest) is listed, and nothing in it is a symbolic link."""
+    folder = Path(folder)
+    listed = set()
+    for entry in entries:
+        path = _listed_path(folder, entry, where)
+        if entry["path"] in listed:
+            raise InputError(f"{where}: files: {entry['path']!r} is listed twice")
+        listed.add(entry["path"])
         if not path.is_file():
             raise InputError(f"{path}: listed in the manifest but missing")
         size = path.stat().st_size
@@ -121,7 +218,31 @@ def verify_bundle(bundle: Path) -> dict:
             raise InputError(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
         if sha256_of(path) != entry["sha256"]:
             raise InputError(f"{path}: sha256 differs from the manifest (the file was modified)")
+    if not complete:
+        return
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise InputError(f"{path}: a symbolic link (a bundle holds plain files only)")
+            rel = path.relative_to(folder).as_posix()
+            if name in files and rel != MANIFEST and rel not in listed:
+                raise InputError(f"{path}: not listed in the manifest")
+
+
+def verify_bundle(bundle: Path) -> dict:
+    """Reads the manifest (read_manifest) and checks the folder against it (verify_files): returns the manifest."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    verify_files(bundle, manifest["files"], bundle / MANIFEST, complete=True)
     return manifest
+
+
+def verify_reference(bundle: Path, manifest: dict) -> Path:
+    """The bundle's float reference checkpoint (../reference) checked against the manifest's list; its folder."""
+    reference = Path(bundle).parent / REFERENCE_DIR
+    verify_files(reference, manifest["reference"]["files"], Path(bundle) / MANIFEST, complete=False)
+    return reference
 
 
 # --- the typed reading ---------------------------------------------------------------------------------------------
@@ -188,10 +309,6 @@ class BundleManifest:
         )
         if "vision" in manifest.components:
             object.__setattr__(manifest, "image_sizes", _ints(raw, "export_spec.image_sizes", where))
-        if manifest.cache_len < 1 or not manifest.prefill_lengths or min(manifest.prefill_lengths) < 1 \
-                or max(manifest.prefill_lengths) > manifest.cache_len:
-            raise InputError(f"{where}: export_spec: prefill lengths {list(manifest.prefill_lengths)} do not fit a "
-                             f"cache of {manifest.cache_len}")
         return manifest
 
     def file(self, name: str) -> Path:

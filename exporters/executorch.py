@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -147,7 +148,20 @@ def export_decoder(model: TextDecoder, cache_len: int) -> LinearHeadDecoder:
     decoder.init_buffers()
     decoder.setup_caches(cache_len)
     swap_norms_(decoder)
+    clip_altup_coefs_(decoder)
     return decoder.eval()
+
+
+def clip_altup_coefs_(decoder: TextDecoder) -> None:
+    """AltUp's coefficient clip applied to new weight tensors once, so that the coefficient Linears keep static
+    weights, which XNNPACK requires of a Linear (clipped in the graph, each is a portable mm between delegates)."""
+    for layer in decoder.layers:
+        altup = layer.altup
+        if altup.coef_clip is None:
+            continue
+        for linear in (altup.prediction_coefs, altup.correction_coefs):
+            linear.weight = nn.Parameter(altup._coefs(linear).detach().clone(), requires_grad=False)
+        altup.coef_clip = None
 
 
 class DecoderStep(nn.Module):
@@ -392,15 +406,31 @@ def encoder_programs(model: Gemma3n, spec: ExportSpec) -> dict[str, torch.export
 
 
 def delegate_friendly_views():
-    """An edge pass that rewrites two view ops XNNPACK refuses, each of which otherwise ends a delegate (48 delegates
-    for a 4-layer decode graph without it, 23 with it): select -> slice + view, and expand -> nothing where the shape
-    stays (matmul's broadcasts) or a concat of copies (grouped-query attention's repeat_interleave)."""
+    """An edge pass that rewrites ops XNNPACK refuses into ops it takes, since each refused op ends a delegate and
+    every delegate costs a call at run time and a pass pipeline at lowering (the default text decode graph: 27
+    delegates and 125 portable kernels without the last four rewrites; see tests/test_export_executorch.py):
+    - select -> slice + view;
+    - expand -> nothing where the shape stays (matmul's broadcasts) or a concat of copies (grouped-query
+      attention's repeat_interleave);
+    - unsqueeze (XNNPACK: trailing dim only) -> view;
+    - mean over the last dim of a tensor of rank <= 3 (XNNPACK: 4-D, dims 2 and 3 only) -> a view to [1, N, 1, D],
+      the 4-D mean, and a view back;
+    - var over the last dim (activation sparsity's std) -> the two-pass mean of squared deviations, as above;
+    - pow(x, 0.5) / pow(x, -0.5) (XNNPACK: pow 2 only) -> sqrt / rsqrt."""
     from executorch.exir.dialects._ops import ops as exir_ops
     from executorch.exir.pass_base import ExportPass
 
     aten, clone = exir_ops.edge.aten, exir_ops.edge.dim_order_ops._clone_dim_order.default
 
     class DelegateFriendlyViews(ExportPass):
+        def mean_last(self, x, keepdim: bool, meta):
+            call = super().call_operator
+            shape = list(x.to_tensor().shape)
+            rows = math.prod(shape[:-1])
+            pooled = call(aten.mean.dim, (call(aten.view_copy.default, (x, [1, rows, 1, shape[-1]]), {}, meta),
+                                          [2, 3], True), {}, meta)
+            return call(aten.view_copy.default, (pooled, shape[:-1] + [1] if keepdim else shape[:-1]), {}, meta)
+
         def call_operator(self, op, args, kwargs, meta):
             call = super().call_operator
             if op == aten.select_copy.int:
@@ -416,9 +446,33 @@ def delegate_friendly_views():
                         copies = [out] + [call(clone, (out,), {}, meta) for _ in range(size - 1)]
                         out = call(aten.cat.default, (copies, dim), {}, meta)
                 return out
+            if op == aten.unsqueeze_copy.default:
+                x, dim = args
+                shape = list(x.to_tensor().shape)
+                dim %= len(shape) + 1
+                return call(aten.view_copy.default, (x, shape[:dim] + [1] + shape[dim:]), {}, meta)
+            if op in (aten.mean.dim, aten.var.correction) and _last_dim_only(args, kwargs):
+                x, rank = args[0], args[0].to_tensor().dim()
+                keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+                if rank <= 3 and x.to_tensor().dtype == torch.float32 and kwargs.get("dtype") is None:
+                    if op == aten.mean.dim:
+                        return self.mean_last(x, keepdim, meta)
+                    if kwargs.get("correction", 1) == 0:
+                        deviation = call(aten.sub.Tensor, (x, self.mean_last(x, True, meta)), {}, meta)
+                        squares = call(aten.mul.Tensor, (deviation, deviation), {}, meta)
+                        return self.mean_last(squares, keepdim, meta)
+            if op == aten.pow.Tensor_Scalar and args[1] in (0.5, -0.5):
+                return call(aten.sqrt.default if args[1] > 0 else aten.rsqrt.default, (args[0],), {}, meta)
             return call(op, args, kwargs, meta)
 
     return DelegateFriendlyViews()
+
+
+def _last_dim_only(args, kwargs) -> bool:
+    """A mean/var call reducing over the last dim alone (dims given as a one-element list)."""
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    rank = args[0].to_tensor().dim()
+    return isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] % rank == rank - 1
 
 
 def runner_metadata(model: TextDecoder, spec: ExportSpec) -> dict:

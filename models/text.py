@@ -139,14 +139,19 @@ class Attention(nn.Module):
 
 
 def grouped_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q [B, N, T, D], k/v [B, K, S, D], mask [T, S] -> [B, N, T, D]. Softmax in fp32."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) + mask
+    """q [B, N, T, D], k/v [B, K, S, D], mask [T, S] -> [B, N, T, D]. Softmax in fp32.
+
+    Query head n reads key/value head n // (N / K). The G = N / K query heads of a key/value head are stacked as
+    G x T rows of one matmul against it, not matched by copies of the cache: nothing the size of the cache is
+    repeated, and every shape stays 4-D. (litert-torch lowered repeat_interleave over a single key/value head to a
+    wrong graph: multi-query configs diverged from layer 0.)"""
+    B, N, T, D = q.shape
+    K = k.shape[1]
+    groups = N // K
+    rows = q.reshape(B, K, groups * T, D)
+    scores = torch.matmul(rows, k.transpose(2, 3)) + (torch.cat([mask] * groups) if groups > 1 else mask)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
+    return torch.matmul(probs, v).reshape(B, N, T, D)
 
 
 class FeedForward(nn.Module):

@@ -242,15 +242,17 @@ def cmd_info(args) -> int:
 
 
 def _bundle_info(args) -> int:
-    from contract.bundle import verify_bundle
+    from contract.bundle import bundle_digest, verify_bundle
 
     m = verify_bundle(args.bundle)
+    digest = bundle_digest(args.bundle)
     if args.json:
         print(json.dumps({k: m[k] for k in ("target", "runtime", "model", "quantization", "export_spec", "tokenizer",
-                                            "files")}, indent=2))
+                                            "files")} | {"bundle_digest": digest}, indent=2))
         return 0
     cfg, p = m["model"]["config"], m["model"]["parameters"]
     print(f"# {args.bundle}: {m['target']} bundle ({m['runtime']}), schema {m['schema_version']}, files verified\n")
+    print(f"bundle digest (sha256 of manifest.json, which lists every file's sha256): {digest}")
     print(f"model: {m['model']['source']}; {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
           f"vocab {cfg['vocab_size']}, {p['total']:,} parameters; MatFormer slice: {m['model']['matformer_slice']}")
     print(f"quantization: {m['quantization']['level']} ({m['quantization']['scheme']}); cache {m['export_spec']['cache_len']}, "

@@ -89,12 +89,8 @@ def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2, comp
 def reference_model(bundle: Path, manifest: dict, whole: bool = False):
     """The bundle's float reference checkpoint (../reference), checked against the manifest: its text decoder, or
     with whole=True the whole Gemma3n (a text-only checkpoint still gives a TextDecoder)."""
-    from contract.bundle import sha256_of
+    from contract.bundle import verify_reference
     from models.checkpoint import load_pretrained, load_text_decoder
 
-    ref = (bundle / manifest["reference"]["path"]).resolve()
-    for entry in manifest["reference"]["files"]:
-        file = ref / entry["path"]
-        if not file.is_file() or file.stat().st_size != entry["size"] or sha256_of(file) != entry["sha256"]:
-            raise InputError(f"{file}: the torch backend's reference checkpoint is missing or differs from the manifest")
+    ref = verify_reference(bundle, manifest)
     return (load_pretrained if whole else load_text_decoder)(ref, dtype=torch.float32)

@@ -167,6 +167,15 @@ SLOW_FIRST = ("test_export_litert_encoders.py", "test_export_executorch.py", "te
               "test_export_executorch_encoders.py", "test_multimodal_runtime.py", "test_harness.py")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", help="run the tests marked long (make long; minutes each)")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--long"):
+        long = [item for item in items if item.get_closest_marker("long")]
+        if long:
+            config.hook.pytest_deselected(items=long)
+            items[:] = [item for item in items if not item.get_closest_marker("long")]
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))

@@ -112,6 +112,34 @@ def test_runner_metadata_methods(float_export):
     assert {name: list(program.load_method(name).execute([])) for name in expected} == expected
 
 
+def _portable_ops(pte, method: str) -> tuple[int, set[str]]:
+    """(delegate calls, names of the ops left to the portable kernels) of one method of a .pte."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    plan = next(p for p in getattr(program, "program", program).execution_plan if p.name == method)
+    calls = [i.instr_args for chain in plan.chains for i in chain.instructions]
+    delegates = sum(type(a).__name__ == "DelegateCall" for a in calls)
+    return delegates, {plan.operators[a.op_index].name for a in calls if type(a).__name__ == "KernelCall"}
+
+
+# What XNNPACK cannot take: the cache writes (index_put into the mutable buffers) and the mask arithmetic on
+# integer positions. Norms, AltUp's coefficient Linears, activation sparsity's mean and std, and every view stay in
+# delegates (exporters.executorch.delegate_friendly_views).
+PORTABLE_OK = {"aten::index_put", "aten::copy_", "aten::scalar_tensor", "aten::le", "aten::gt", "aten::where",
+               "aten::bitwise_and", "aten::arange", "aten::sub", "aten::cat", "aten::mean",
+               "dim_order_ops::_to_dim_order_copy"}
+
+
+@pytest.mark.parametrize("method", [f"prefill_{PROMPT_LEN}", "decode"])
+def test_the_decoder_methods_run_in_few_delegates(float_export, method):
+    _, pte = float_export
+    delegates, portable = _portable_ops(pte, method)
+    assert portable <= PORTABLE_OK, portable - PORTABLE_OK
+    # At most one delegate per stretch between two cache writes (K, then V, of each cache-owning layer).
+    assert delegates <= 2 * len(SMALL.cache_owning_layers) + 1, delegates
+
+
 def test_ple_table_lives_in_the_ptd(model, float_export):
     _, pte = float_export
     ptd = pte.parent / PTD_FILE

@@ -278,7 +278,7 @@ def _iphone(udid, bundles, settings, args, work: Path, progress):
 
 def _history(args) -> int:
     from runtime_py.harness import history
-    from runtime_py.harness.record import bundle_sha256
+    from contract.bundle import bundle_digest
 
     if args.device:
         parse_device(args.device)
@@ -287,7 +287,7 @@ def _history(args) -> int:
     path = args.history or history.default_path()
     if not Path(path).is_file():
         raise InputError(f"{path}: no harness history yet (g3n harness run writes it)")
-    shas = [bundle_sha256(b) for b, _ in find_bundles(args.bundle)]
+    shas = [bundle_digest(b) for b, _ in find_bundles(args.bundle)]
     device_id = _device_id(args.device) if args.device else None
     grouped = history.series(path, shas, device_id)
     if args.json:

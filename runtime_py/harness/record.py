@@ -23,7 +23,6 @@ Numbers that could not be measured are null with a `reason` beside them, never z
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import platform
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.bundle import MANIFEST
+from contract.bundle import bundle_digest
 
 SCHEMA = "g3n-harness/1"
 NOT_IN_BUNDLE = "not in bundle: the bundle holds no {what} (a text-only model's bundle)"
@@ -43,12 +42,6 @@ SCHEMA_SOURCES = [
     "MLPerf Mobile result format: mlcommons/mobile_app_open docs/result-spec.md",
     "ExecuTorch benchmark records: pytorch/executorch .github/scripts/extract_benchmark_results.py (transform)",
 ]
-
-
-def bundle_sha256(bundle: Path) -> str:
-    """The sha256 of the bundle's manifest.json. The manifest lists every file with its own sha256 (and
-    verify_bundle checks them), so this one digest names the whole bundle's contents."""
-    return hashlib.sha256((Path(bundle) / MANIFEST).read_bytes()).hexdigest()
 
 
 def percentiles(samples) -> dict:
@@ -105,7 +98,7 @@ def new_record(device: dict, bundles: list[dict], settings: dict, command: list[
 
 
 def bundle_info(bundle: Path, manifest: dict) -> dict:
-    return {"path": str(bundle), "sha256": bundle_sha256(bundle), "target": manifest["target"],
+    return {"path": str(bundle), "sha256": bundle_digest(bundle), "target": manifest["target"],
             "runtime": manifest["runtime"], "quantization": manifest["quantization"],
             "model": {"source": manifest["model"]["source"], "layers": manifest["model"]["config"]["num_hidden_layers"],
                       "hidden_size": manifest["model"]["config"]["hidden_size"],
