@@ -3,15 +3,28 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test long compare clean
+.PHONY: install run test long compare pins clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# From constraints.txt: the versions the tests passed with, so that a new release inside pyproject's ranges cannot
+# change a fresh machine's result unnoticed.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]' -c constraints.txt
 	touch $@
+
+# Refresh the pins: the newest releases pyproject.toml allows, in a venv of their own, frozen into constraints.txt;
+# then the suite reinstalls from them and runs. Commit constraints.txt if it passes.
+pins:
+	rm -rf .venv-pins
+	$(PYTHON) -m venv .venv-pins
+	.venv-pins/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	(echo "# The versions the tests passed with (make pins refreshes them; pyproject.toml keeps the ranges for library users)."; \
+	 .venv-pins/bin/python -m pip freeze --exclude-editable) > constraints.txt
+	rm -rf .venv-pins
+	$(MAKE) test
 
 # The main job on the embedded default model (tiny Gemma 3n with its vision and audio encoders, deterministic random
 # weights: the text means nothing, but every backend prints the same text). The last two lines prompt with an image

@@ -553,6 +553,7 @@ def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None)
         lowered = {name: edge.exported_program(name) for name in edge.methods}
         lowered |= {alias: copy.deepcopy(lowered[target]) for alias, target in aliases.items()}
         edge = EdgeProgramManager(lowered, metadata, edge.compile_config)
+    canonical_named_data_(edge)
     return edge.to_executorch(
         ExecutorchBackendConfig(
             # Shared: decode reads the cache that prefill wrote. Names: the runtime matches buffers across methods.
@@ -561,6 +562,40 @@ def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None)
             external_constants=is_ple_constant,
         )
     )
+
+
+def canonical_named_data_(edge) -> None:
+    """The delegates' weight blobs (ExecuTorch's named data, keyed by their sha256) written in key order.
+
+    ExecuTorch files them in the order the XNNPACK partitions were serialized, and that order follows sets of fx
+    nodes, which iterate by memory address: two processes wrote the default whole model's model.pte with the same
+    blobs in other orders (30 of 33 MB differing). The runtime looks blobs up by key, so the order is free."""
+    import dataclasses
+
+    from executorch.exir._serialize._named_data_store import NamedDataStoreOutput
+
+    store = edge._named_data_store
+    collect = store.get_named_data_store_output
+
+    def canonical() -> NamedDataStoreOutput:
+        out = collect()
+        buffers, moved = [], {}
+
+        def remap(entries: dict) -> dict:
+            result = {}
+            for key in sorted(entries):
+                entry = entries[key]
+                if entry.buffer_index not in moved:
+                    moved[entry.buffer_index] = len(buffers)
+                    buffers.append(out.buffers[entry.buffer_index])
+                result[key] = dataclasses.replace(entry, buffer_index=moved[entry.buffer_index])
+            return result
+
+        pte = remap(out.pte_data)
+        external = {name: remap(out.external_data[name]) for name in sorted(out.external_data)}
+        return NamedDataStoreOutput(buffers, pte, external)
+
+    store.get_named_data_store_output = canonical
 
 
 def export_executorch(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | Path) -> Path:

@@ -165,17 +165,34 @@ def _array_to_float(a: np.ndarray, name: str) -> np.ndarray:
     raise InputError(f"{name}: dtype {a.dtype} is not supported (float, int16, int32, int8 or uint8 expected)")
 
 
+# The longest clip a prompt takes: 30 windows. Files are decoded block by block up to it, so a header that claims
+# more frames than the file holds (or a long file) never sizes an allocation.
+MAX_AUDIO_SECONDS = 30 * WINDOW_SECONDS
+
+
 def _read_file(path: Path) -> tuple[np.ndarray, int]:
     import soundfile
 
     if not path.is_file():
         raise InputError(f"{path}: no such audio file")
     try:
-        audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(str(path)) as f:
+            rate, limit = int(f.samplerate), int(MAX_AUDIO_SECONDS * f.samplerate)
+            if rate <= 0 or f.channels <= 0:
+                raise InputError(f"{path}: the header gives {rate} Hz and {f.channels} channels")
+            blocks, frames = [], 0
+            for block in f.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):
+                blocks.append(block)
+                frames += len(block)
+                if frames > limit:
+                    raise InputError(f"{path}: longer than {MAX_AUDIO_SECONDS:.0f} s, the longest clip a prompt takes")
+    except InputError:
+        raise
     except Exception as e:  # libsndfile reports corrupt and unsupported files alike, as RuntimeError subclasses
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise InputError(f"{path}: cannot read as WAV/FLAC audio ({reason})") from None
-    return audio, int(rate)
+    audio = np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float32)
+    return audio, rate
 
 
 def audio_windows(waveform: np.ndarray, seconds: float = WINDOW_SECONDS) -> list[np.ndarray]:

@@ -474,18 +474,23 @@ def _rgb_uint8(image, name: str) -> Tensor:
 
 
 def _open_image(path: Path):
+    import warnings
+
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            return image.copy() if image is opened else image
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that (a decompression bomb's first stage): an error here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+                return image.copy() if image is opened else image
     except FileNotFoundError:
         raise InputError(f"{path}: image file not found") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, expected an image file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # PIL reports unknown formats as UnidentifiedImageError (an OSError) and truncated data as OSError.
         reason = " ".join(str(e).split()) or type(e).__name__
         raise InputError(f"{path}: not a readable image file ({reason})") from None

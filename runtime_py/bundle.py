@@ -309,14 +309,23 @@ def lower_targets(model: TextDecoder | Gemma3n, tmp: Path, specs: dict[str, Expo
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1,
                              initializer=_log_to, initargs=(log,)) as pool:
         futures = {}
-        for target in order:
-            spec = specs[target]
-            encoders = f", encoders {spec.encoder_quant}" if spec.encoders else ""
-            progress(f"{target}: lowering to {spec.target} ({spec.quant}{encoders}) queued")
-            futures[pool.submit(_lower_from_reference, target, tmp, whole, spec, tokenizer.path, log, threads)] = target
-        for future in as_completed(futures):
-            future.result()
-            progress(f"{futures[future]}: lowered ({time.monotonic() - started:.0f} s since the first began)")
+        try:
+            for target in order:
+                spec = specs[target]
+                encoders = f", encoders {spec.encoder_quant}" if spec.encoders else ""
+                progress(f"{target}: lowering to {spec.target} ({spec.quant}{encoders}) queued")
+                futures[pool.submit(_lower_from_reference, target, tmp, whole, spec, tokenizer.path, log,
+                                    threads)] = target
+            for future in as_completed(futures):
+                future.result()
+                progress(f"{futures[future]}: lowered ({time.monotonic() - started:.0f} s since the first began)")
+        except BaseException:
+            # A failed target, Ctrl-C or SIGTERM: the other lowerings are stopped, not waited for (minutes) by the
+            # pool's exit. The pool has no public way to stop running work.
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _lower_from_reference(target: str, tmp: Path, whole: bool, spec: ExportSpec, tokenizer_path: Path,

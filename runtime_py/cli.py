@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from runtime_py.cli_args import Parser, non_negative_float, positive_int, probability
+
 
 def _add_model_source(p: argparse.ArgumentParser, presets: bool = False) -> None:
     p.add_argument("--checkpoint", type=Path, help="Hugging Face Gemma 3n checkpoint directory (default: the embedded tiny model)")
@@ -21,7 +23,7 @@ def _add_model_source(p: argparse.ArgumentParser, presets: bool = False) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="g3n", description="Gemma 3n checkpoints to phone bundles.")
+    parser = Parser(prog="g3n", description="Gemma 3n checkpoints to phone bundles.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="model summary and parameter accounting, or a bundle's manifest summary")
@@ -49,12 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", type=Path, action="append", default=[],
                    help="a WAV/FLAC file for the prompt (repeatable; clips over 30 s take one span per 30 s window)")
     p.add_argument("--image-size", type=int, help="the vision encoder's input size (default: the bundle's first)")
-    p.add_argument("--token-ids", help="prompt token ids instead of text: 2,105,... (greedy, PyTorch model)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--cache-len", type=int, default=256, help="static KV-cache length (without --bundle)")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--token-ids", help="prompt token ids instead of text: 2,105,... (greedy; with --bundle, on its "
+                                       "--backend; else the PyTorch model of --checkpoint or the default)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--cache-len", type=positive_int, default=256, help="static KV-cache length (without --bundle)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=probability, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("bundle", help="write app-ready bundles (android, ios, executorch) with manifests")
@@ -132,8 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag (its one line is printed: cli_args.Parser)
+        return e.code
+    import signal
+
     from models.errors import G3nError
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    # SIGTERM unwinds like Ctrl-C, so temporary folders are removed and lowering workers stopped on the way out.
+    previous = signal.signal(signal.SIGTERM, terminate) if argv is None else None
 
     try:
         return COMMANDS[args.command](args) or 0
@@ -146,11 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
     except Exception as e:  # an internal failure still gets one line; G3N_DEBUG=1 shows where
         if os.environ.get("G3N_DEBUG"):
             raise
         print(f"error: internal failure: {type(e).__name__}: {e} (rerun with G3N_DEBUG=1 for details)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is (a BaseException, as KeyboardInterrupt: no `except Exception`
+    swallows it)."""
 
 
 def _load(args):
@@ -333,15 +358,28 @@ def _video_frames(folder: Path) -> list[str]:
 
 
 def _generate_token_ids(args) -> int:
-    """Greedy ids from the PyTorch model through the same Session as every bundle (no stop tokens: exactly
-    --max-new-tokens ids, fewer only when the cache fills)."""
+    """Greedy ids from a bundle's backend, or from the PyTorch model, through the same Session as every bundle (no
+    stop tokens: exactly --max-new-tokens ids, fewer only when the cache fills)."""
+    from models.errors import InputError
     from models.matformer import parse_int_list
     from runtime_py.components.tokenizer import checkpoint_tokenizer
     from runtime_py.engine import session_for_model
 
     ids = parse_int_list(args.token_ids, "--token-ids")
-    model, source = _load(args)
-    session = session_for_model(model, checkpoint_tokenizer(args.checkpoint), cache_len=args.cache_len)
+    if args.bundle is not None:
+        from runtime_py.engine import open_bundle
+
+        if args.checkpoint is not None:
+            raise InputError("--token-ids: give --bundle or --checkpoint, not both")
+        session, source = open_bundle(args.bundle, args.backend), f"{args.bundle} ({args.backend})"
+        if not hasattr(session, "generate_ids"):
+            raise InputError(f"--token-ids: the {args.backend} backend takes text only (Google's engine tokenizes "
+                             f"by itself); use another backend of the bundle")
+    elif args.backend != "torch":
+        raise InputError(f"--backend {args.backend}: needs --bundle (without one, --token-ids runs the PyTorch model)")
+    else:
+        model, source = _load(args)
+        session = session_for_model(model, checkpoint_tokenizer(args.checkpoint), cache_len=args.cache_len)
     session.stop_ids = []
     tokens = list(session.generate_ids(ids, max_new_tokens=args.max_new_tokens))
     print(json.dumps({"model": source, "prompt": ids, "greedy_tokens": tokens}))

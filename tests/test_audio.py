@@ -185,6 +185,33 @@ def test_corrupt_and_missing_files_are_one_line_input_errors(tmp_path):
         assert str(path) in message and "\n" not in message
 
 
+def test_a_header_that_lies_about_its_length_sizes_no_allocation(tmp_path):
+    """A WAV whose RIFF and data sizes claim 2 GB around one second of samples: decoded block by block, it gives
+    the samples that are there, never an allocation sized by the header."""
+    import struct
+
+    path = tmp_path / "liar.wav"
+    wave = (tone_and_noise(1.0) * 32767).astype(np.int16)
+    soundfile.write(path, wave, SAMPLE_RATE, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    data[4:8] = struct.pack("<I", 0x7FFFFFF0)
+    at = data.index(b"data")
+    data[at + 4 : at + 8] = struct.pack("<I", 0x7FFFFF00)
+    path.write_bytes(bytes(data))
+    audio = load_audio(path)
+    assert audio.shape[0] <= SAMPLE_RATE and np.allclose(audio[:1000], wave[:1000] / 32768.0, atol=1e-6)
+
+
+def test_a_clip_longer_than_a_prompt_takes_is_refused(tmp_path, monkeypatch):
+    import models.audio
+
+    monkeypatch.setattr(models.audio, "MAX_AUDIO_SECONDS", 2.0)
+    path = tmp_path / "long.wav"
+    soundfile.write(path, tone_and_noise(3.0), SAMPLE_RATE)
+    with pytest.raises(InputError, match="long.wav: longer than 2 s"):
+        load_audio(path)
+
+
 def test_non_finite_samples_are_an_input_error():
     wave = tone_and_noise(0.5)
     wave[100] = np.nan

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +66,50 @@ def test_a_failed_build_leaves_nothing(tmp_path):
     with pytest.raises(InputError, match="exceeds the cache length"):
         build_bundles(default_model(), tmp_path / "out", ["executorch"], cache_len=8, prefill_lengths=(16,))
     assert list(tmp_path.iterdir()) == []
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            found |= {int(c) for c in children}
+            todo += [int(c) for c in children]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process trees from /proc")
+def test_sigterm_during_a_build_leaves_nothing_and_stops_the_workers(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    g3n = Path(sys.executable).with_name("g3n")
+    proc = subprocess.Popen([str(g3n), "bundle", "--out", str(tmp_path / "out"), "--text-only"],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the progress lines: wait until the lowering workers run
+        if "queued" in line:
+            break
+    time.sleep(5)
+    workers = _descendants(proc.pid)
+    assert workers
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143
+    assert err.strip().splitlines()[-1].startswith("error: terminated") and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
+    # The converters' log stays (it says how far the build got); no output folder, no temporary one.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.log"]
 
 
 def _cli(capsys, *argv):
@@ -210,6 +255,21 @@ def test_bad_prompts_and_backends(bundles, capsys):
     assert_one_error_line(code, err, "runs android bundles")
     code, err = _cli(capsys, "generate", "--checkpoint", bundles / "reference", "--token-ids", "2,384")
     assert_one_error_line(code, err, "token id 384 is out of range")
+
+
+def test_token_ids_run_on_the_bundles_backend(bundles, capsys):
+    """--token-ids with --bundle runs that bundle's --backend (not the default model): ExecuTorch's greedy ids equal
+    the torch backend's on the bundle's reference; Google's engine, which takes text only, is refused in one line."""
+    greedy = {}
+    for backend in ("torch", "executorch"):
+        code, out, _ = run_cli(capsys, "generate", "--bundle", bundles / "executorch", "--backend", backend,
+                               "--token-ids", "2,10,20,30", "--max-new-tokens", "6")
+        assert code == 0
+        greedy[backend] = json.loads(out)["greedy_tokens"]
+    assert len(greedy["torch"]) == 6 and greedy["executorch"] == greedy["torch"]
+    code, _, err = run_cli(capsys, "generate", "--bundle", bundles / "android", "--backend", "litertlm",
+                           "--token-ids", "2,10")
+    assert_one_error_line(code, err, "--token-ids: the litertlm backend takes text only")
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="checks the message Linux users get")

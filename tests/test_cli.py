@@ -100,6 +100,25 @@ def test_malformed_flag_values(capsys, tiny_checkpoint, tmp_path):
     assert_one_error_line(code, err, "already exists")
 
 
+@pytest.mark.parametrize("argv,fragment", [
+    (["generate", "--max-new-tokens", "0", "hi"], "--max-new-tokens: 0 is not at least 1"),
+    (["generate", "--max-new-tokens", "-3", "hi"], "--max-new-tokens: -3 is not at least 1"),
+    (["generate", "--temperature", "nan", "hi"], "--temperature: 'nan' is not a finite number"),
+    (["generate", "--temperature", "inf", "hi"], "--temperature: 'inf' is not a finite number"),
+    (["generate", "--top-p", "0", "hi"], "--top-p: '0' is not in (0, 1]"),
+    (["generate", "--cache-len", "x", "hi"], "--cache-len: 'x' is not an integer"),
+    (["generate", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bundle", "--out"], "--out: expected one argument"),
+    (["harness", "run", "--device", "host"], "required: --bundle"),
+    (["generate", "--backend", "litert", "--token-ids", "2,3"], "--backend litert: needs --bundle"),
+])
+def test_bad_flags_get_one_line(capsys, tmp_path, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert_one_error_line(code, err, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_console_script_exits_2_without_traceback(tmp_path):
     """The installed entry point, as a user runs it."""
     g3n = Path(sys.executable).parent / "g3n"

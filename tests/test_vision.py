@@ -290,6 +290,17 @@ def test_unreadable_image_files(tmp_path):
         preprocess_images([random_image(8, 8), np.zeros((8, 8, 3))])
 
 
+def test_a_decompression_bomb_is_refused_not_warned_about(tmp_path):
+    """10000 x 10000 pixels, past PIL's MAX_IMAGE_PIXELS (89.5M) but under twice that, where PIL only warns: an
+    error naming the file, before the pixels are decoded. (1-bit, so writing it takes 12.5 MB.)"""
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(bomb)
+    with pytest.raises(InputError, match="bomb.png: not a readable image file.*decompression bomb"):
+        preprocess_images(bomb)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

@@ -315,6 +315,8 @@ def _device_id(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone `g3n`-like parser with only the harness (tests; the lead wires add_parsers into g3n)."""
-    parser = argparse.ArgumentParser(prog="g3n")
+    from runtime_py.cli_args import Parser
+
+    parser = Parser(prog="g3n")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     return parser

@@ -77,9 +77,10 @@ def run_host(bundles: list[tuple[Path, dict]], settings: dict, thresholds: Path 
                             "reason": "needs macOS: coremltools cannot run Core ML models on Linux "
                                       "(use --device mac on a Mac)"})
             continue
-        job = {"bundle": str(bundle), "backend": backend,
+        # Absolute paths: the worker runs in the repository root (_run_worker), not in the caller's directory.
+        job = {"bundle": str(Path(bundle).resolve()), "backend": backend,
                "settings": {**settings, "compute_units": "ALL"} if backend == "coreml" else settings,
-               "thresholds": str(thresholds) if thresholds else None}
+               "thresholds": str(Path(thresholds).resolve()) if thresholds else None}
         results.append({**base, **_run_worker(job)})
         if settings.get("cooldown_s"):
             time.sleep(settings["cooldown_s"])
@@ -167,7 +168,7 @@ def measure_session(session, load_s: float, bundle: Path, manifest: dict, backen
                     thresholds) -> dict:
     """Numerics against the golden vectors, then the timed generations, on an open Session."""
     golden = numerics.load_golden(bundle, manifest)
-    logits = numerics.teacher_forced_logits(session.executor, session.per_layer_rows, golden)
+    logits = numerics.teacher_forced_logits(session, golden)
     metrics = numerics.logit_metrics(numerics.golden_logits(golden), logits)
     prompt = [int(i) for i in golden["prompt_ids"]]
     n_decode = _decode_budget(manifest, settings, len(prompt))

@@ -48,12 +48,15 @@ def golden_logits(golden: dict) -> np.ndarray:
     return np.concatenate([golden["prefill_logits"][None], golden["decode_logits"]]).astype(np.float32)
 
 
-def teacher_forced_logits(executor, per_layer_rows, golden: dict) -> np.ndarray:
-    """The backend's logits at the golden positions: golden prompt, then the golden greedy tokens fed one by one."""
+def teacher_forced_logits(session, golden: dict) -> np.ndarray:
+    """The session's backend's logits at the golden positions: golden prompt, then the golden greedy tokens fed one
+    by one. A whole model's session embeds the media vocabularies' ids as the bundle's media rows, as the golden
+    vectors were computed (the golden chat prompt holds such ids: the tiny vocabulary shares them with text)."""
     prompt = [int(i) for i in golden["prompt_ids"]]
     tokens = [int(t) for t in golden["greedy_tokens"]]
     steps = len(golden["decode_logits"])
-    trace, _ = compare.run_trace(executor, per_layer_rows, prompt, steps, tokens[:steps])
+    trace, _ = compare.run_trace(session.executor, session.per_layer_rows, prompt, steps, tokens[:steps],
+                                 media_rows=session.media_rows)
     return trace.logits
 
 
