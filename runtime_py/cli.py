@@ -323,6 +323,10 @@ def cmd_generate(args) -> int:
         raise InputError("give --bundle DIR and a prompt (or --token-ids for the PyTorch model)")
     if args.prompt is None:
         raise InputError("empty prompt: give the prompt text after the options")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the terminal passed that are not UTF-8 (Python keeps them as surrogates)
+        raise InputError("prompt: not valid UTF-8 text") from None
     import resource
 
     from runtime_py.engine import open_bundle

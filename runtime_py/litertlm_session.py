@@ -69,6 +69,8 @@ class LitertLmSession:
                                              max_output_tokens=max_new_tokens)
         text = render(messages)
         self.timing = timing = Timing(prompt_tokens=1 + len(self.engine.tokenize(text)), stopped_by="engine")
+        if timing.prompt_tokens >= self.cache_len:  # the engine fails in C++ with no word of why
+            raise InputError(f"prompt of {timing.prompt_tokens} tokens does not fit the KV cache of {self.cache_len}")
         t0 = time.perf_counter()
         session.run_prefill([text])
         timing.prefill_s = time.perf_counter() - t0

@@ -119,6 +119,16 @@ def test_bad_flags_get_one_line(capsys, tmp_path, monkeypatch, argv, fragment):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_prompt_that_is_not_utf8_gets_one_line(tmp_path):
+    """Bytes a terminal passes that are not UTF-8 (Python keeps them as surrogates in argv)."""
+    g3n = Path(sys.executable).parent / "g3n"
+    if not g3n.exists():
+        pytest.skip(f"no g3n console script beside {sys.executable} (install with pip install -e .)")
+    proc = subprocess.run([str(g3n), "generate", "--bundle", str(tmp_path), b"\xff\xfe hi"], capture_output=True,
+                          text=True)
+    assert_one_error_line(proc.returncode, proc.stderr, "prompt: not valid UTF-8 text")
+
+
 def test_console_script_exits_2_without_traceback(tmp_path):
     """The installed entry point, as a user runs it."""
     g3n = Path(sys.executable).parent / "g3n"
