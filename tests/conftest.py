@@ -116,7 +116,8 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session):
-    # A failed prebuild is not lost: the test that needed it built it again itself (and failed in its own report).
+    # Waits for the background builds, so that none outlives the run; a failed one needs no report here: the test
+    # that needed it built it again itself, and failed in its own report.
     for future in session.config.stash.get(_PREBUILDS, []):
         future.exception()
 
