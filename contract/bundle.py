@@ -10,6 +10,7 @@ removed or not listed, a cache larger than the model or the machine allows: each
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -119,20 +120,26 @@ def read_manifest(bundle: Path) -> dict:
 
 
 def _check_schema(manifest: dict, path: Path) -> None:
-    import json
-
-    from jsonschema import Draft202012Validator, validators
     from jsonschema.exceptions import best_match
 
-    # JSON Schema counts 512.0 as an integer; the runtime allocates from these values, so an integer is an int here.
-    types = Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
-    strict = validators.extend(Draft202012Validator, type_checker=types)
-    error = best_match(strict(json.loads(SCHEMA_FILE.read_text())).iter_errors(manifest))
+    error = best_match(_manifest_validator().iter_errors(manifest))
     if error is not None:
         key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
         message = error.message if len(error.message) <= 160 else error.message[:157] + "..."
         raise InputError(f"{path}: {key}: {message}")
+
+
+@functools.lru_cache(maxsize=1)
+def _manifest_validator():
+    """The schema's validator, built once per process (compare and the harness verify many bundles)."""
+    import json
+
+    from jsonschema import Draft202012Validator, validators
+
+    # JSON Schema counts 512.0 as an integer; the runtime allocates from these values, so an integer is an int here.
+    types = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    return validators.extend(Draft202012Validator, type_checker=types)(json.loads(SCHEMA_FILE.read_text()))
 
 
 def _check_consistency(m: dict, path: Path) -> None:
