@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+SIGN_VENV ?= .venv-sign
 
 .PHONY: install run test long compare pins clean
 
@@ -9,10 +10,15 @@ install: $(VENV)/.installed
 
 # From constraints.txt: the versions the tests passed with, so that a new release inside pyproject's ranges cannot
 # change a fresh machine's result unnoticed.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# OpenSSF model-signing (g3n sign / verify) gets a venv of its own, its command linked into $(BIN): its dependencies
+# cannot be installed beside litert-converter's (contract/signing.py).
+$(VENV)/.installed: pyproject.toml constraints.txt constraints-sign.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]' -c constraints.txt
+	$(PYTHON) -m venv $(SIGN_VENV)
+	$(SIGN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r constraints-sign.txt
+	ln -sf $(abspath $(SIGN_VENV))/bin/model_signing $(BIN)/model_signing
 	touch $@
 
 # Refresh the pins: the newest releases pyproject.toml allows, in a venv of their own, frozen into constraints.txt;
@@ -23,6 +29,11 @@ pins:
 	.venv-pins/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	(echo "# The versions the tests passed with (make pins refreshes them; pyproject.toml keeps the ranges for library users)."; \
 	 .venv-pins/bin/python -m pip freeze --exclude-editable) > constraints.txt
+	rm -rf .venv-pins
+	$(PYTHON) -m venv .venv-pins
+	.venv-pins/bin/python -m pip install --quiet --disable-pip-version-check model-signing pyOpenSSL
+	(sed -n '/^#/p' constraints-sign.txt; .venv-pins/bin/python -m pip freeze) > constraints-sign.txt.new
+	mv constraints-sign.txt.new constraints-sign.txt
 	rm -rf .venv-pins
 	$(MAKE) test
 
@@ -53,4 +64,4 @@ compare: install
 	$(BIN)/g3n compare --report out/compare --jobs 2
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SIGN_VENV)

@@ -22,6 +22,7 @@ from models.fileio import read_json_object
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE_FILE = "bundle.sig"  # beside manifest.json (contract.signing): the one file the manifest cannot list
 
 # --- targets and backends --------------------------------------------------------------------------------------
 
@@ -210,7 +211,7 @@ def _listed_path(folder: Path, entry: dict, where: Path) -> Path:
 
 def verify_files(folder: Path, entries: list[dict], where: Path, complete: bool) -> None:
     """Every entry's file is there with its size and sha256; with complete=True, every file below `folder` (but
-    the manifest) is listed, and nothing in it is a symbolic link."""
+    the manifest and its signature) is listed, and nothing in it is a symbolic link."""
     folder = Path(folder)
     listed = set()
     for entry in entries:
@@ -233,7 +234,7 @@ def verify_files(folder: Path, entries: list[dict], where: Path, complete: bool)
             if path.is_symlink():
                 raise InputError(f"{path}: a symbolic link (a bundle holds plain files only)")
             rel = path.relative_to(folder).as_posix()
-            if name in files and rel != MANIFEST and rel not in listed:
+            if name in files and rel not in (MANIFEST, SIGNATURE_FILE) and rel not in listed:
                 raise InputError(f"{path}: not listed in the manifest")
 
 

@@ -29,24 +29,23 @@ class PleTable:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        header, data_start = _read_header(self.path)
-        try:
-            meta = json.loads((header.pop("__metadata__", None) or {}).get(METADATA_KEY, "{}"))
-        except json.JSONDecodeError:
-            meta = {}
+        tensors, meta, data_start = _read_header(self.path)
         if meta.get("format") != FORMAT:
             raise InputError(f"{self.path}: not a PLE asset (metadata format {meta.get('format')!r}, expected {FORMAT})")
-        try:
-            self.storage = meta["storage"]
-            self.vocab_size = int(meta["vocab_size"])
-            self.text_vocab_size = int(meta["text_vocab_size"])
-            self.num_layers, self.dim = int(meta["num_layers"]), int(meta["dim"])
-            self.embed_scale = float(meta["embed_scale"])
-        except (KeyError, ValueError) as e:
-            raise InputError(f"{self.path}: PLE metadata incomplete ({e})") from None
-        self.weight = _map(self.path, header, "weight", data_start, (self.vocab_size, self.num_layers * self.dim))
+        self.storage = _meta(self.path, meta, "storage", str)
+        if self.storage not in _STORAGE_DTYPE:
+            raise InputError(f"{self.path}: PLE storage {self.storage!r} is not one of {', '.join(_STORAGE_DTYPE)}")
+        self.vocab_size = _meta(self.path, meta, "vocab_size", int)
+        self.text_vocab_size = _meta(self.path, meta, "text_vocab_size", int)
+        self.num_layers, self.dim = _meta(self.path, meta, "num_layers", int), _meta(self.path, meta, "dim", int)
+        self.embed_scale = float(_meta(self.path, meta, "embed_scale", float))
+        if self.text_vocab_size < self.vocab_size or not np.isfinite(self.embed_scale):
+            raise InputError(f"{self.path}: PLE metadata inconsistent (text_vocab_size {self.text_vocab_size} < "
+                             f"vocab_size {self.vocab_size}, or embed_scale {self.embed_scale} not finite)")
+        self.weight = _map(self.path, tensors, "weight", _STORAGE_DTYPE[self.storage], data_start,
+                           (self.vocab_size, self.num_layers * self.dim))
         self.scale = (
-            _map(self.path, header, "scale", data_start, (self.vocab_size,)) if self.storage == "int8" else None
+            _map(self.path, tensors, "scale", "F32", data_start, (self.vocab_size,)) if self.storage == "int8" else None
         )
 
     def rows(self, token_ids) -> np.ndarray:
@@ -71,7 +70,23 @@ class PleTable:
         return rows.reshape(len(ids), self.num_layers, self.dim)
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+_STORAGE_DTYPE = {"int8": "I8", "fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+
+
+def _meta(path: Path, meta: dict, key: str, kind: type):
+    """A metadata value of `kind` (an int is a float too; a bool is neither), positive where it is a number."""
+    value = meta.get(key)
+    kinds = (int, float) if kind is float else kind
+    if isinstance(value, bool) or not isinstance(value, kinds) or (kind is int and value <= 0):
+        raise InputError(f"{path}: PLE metadata {key} is {value!r}, expected a{' positive' * (kind is int)} "
+                         f"{kind.__name__}")
+    return value
+
+
+def _read_header(path: Path) -> tuple[dict, dict, int]:
+    """The safetensors header, checked whole before any tensor is mapped: (tensors, PLE metadata, data start).
+    Every tensor entry has a known dtype, a shape of non-negative ints and data offsets inside the file that hold
+    exactly that shape; anything else is one InputError naming the file."""
     if not path.is_file():
         raise InputError(f"{path}: PLE asset missing")
     size = path.stat().st_size
@@ -86,20 +101,49 @@ def _read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError(f"{path}: corrupt PLE asset (header is not JSON)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt PLE asset (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    description = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
+    try:
+        meta = json.loads(description) if isinstance(description, str) else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: not a PLE asset (no {METADATA_KEY} metadata)")
+    end = 0
+    for name, info in header.items():
+        if not _tensor_entry(info):
+            raise InputError(f"{path}: corrupt PLE asset (tensor {name!r}: {str(info)[:80]})")
+        end = max(end, info["data_offsets"][1])
     if 8 + n + end > size:
         raise InputError(f"{path}: truncated PLE asset ({size} bytes, the header describes {8 + n + end})")
-    return header, 8 + n
+    return header, meta, 8 + n
 
 
-def _map(path: Path, header: dict, name: str, data_start: int, shape: tuple[int, ...]) -> np.memmap:
-    if name not in header:
+def _naturals(value, lengths) -> bool:
+    return (isinstance(value, list) and len(value) in lengths
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value))
+
+
+def _tensor_entry(info) -> bool:
+    """A safetensors header entry: a known dtype, a shape of 1 to 4 non-negative ints, and data offsets that hold
+    exactly that many elements."""
+    if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in _NUMPY
+            and _naturals(info.get("shape"), range(1, 5)) and _naturals(info.get("data_offsets"), (2,))):
+        return False
+    begin, stop = info["data_offsets"]
+    return stop - begin == int(np.prod(info["shape"], dtype=np.float64)) * np.dtype(_NUMPY[info["dtype"]]).itemsize
+
+
+def _map(path: Path, tensors: dict, name: str, dtype: str, data_start: int, shape: tuple[int, ...]) -> np.memmap:
+    if name not in tensors:
         raise InputError(f"{path}: PLE asset has no tensor {name!r}")
-    info = header[name]
-    if tuple(info["shape"]) != shape or info["dtype"] not in _NUMPY:
-        raise InputError(f"{path}: tensor {name!r} is {info['dtype']}{info['shape']}, expected shape {list(shape)}")
+    info = tensors[name]
+    if tuple(info["shape"]) != shape or info["dtype"] != dtype:
+        raise InputError(f"{path}: tensor {name!r} is {info['dtype']}{info['shape']}, expected {dtype}{list(shape)}")
     begin, _ = info["data_offsets"]
-    array = np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="r", offset=data_start + begin, shape=shape)
+    array = np.memmap(path, dtype=_NUMPY[dtype], mode="r", offset=data_start + begin, shape=shape)
     # Lookups jump between rows far apart: tell the kernel not to read ahead or map neighbouring pages.
     if hasattr(mmap, "MADV_RANDOM") and isinstance(getattr(array, "_mmap", None), mmap.mmap):
         array._mmap.madvise(mmap.MADV_RANDOM)

@@ -13,13 +13,19 @@ from typing import Iterator
 from models.errors import InputError
 
 
+def check_new_directory(path: str | os.PathLike) -> Path:
+    """An output folder that does not exist yet (checked before long work, and again by atomic_directory)."""
+    path = Path(path)
+    if path.exists():
+        raise InputError(f"{path}: already exists; choose a new output directory")
+    return path
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary folder beside `path` and renames it to `path` when the block succeeds; on any failure the
     temporary folder is removed, so no half-written output is ever left. `path` must not exist yet."""
-    path = Path(path)
-    if path.exists():
-        raise InputError(f"{path}: already exists; choose a new output directory")
+    path = check_new_directory(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

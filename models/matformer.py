@@ -96,8 +96,10 @@ def slice_checkpoint(
     skip_layers: list[int] = (),
     preset: str | None = None,
     progress=None,
+    name: str | None = None,
 ) -> TextConfig:
-    """Writes the sliced checkpoint to `dst` in the source's layout; returns its text config."""
+    """Writes the sliced checkpoint to `dst` in the source's layout; returns its text config. name: the slice's name
+    in a MatFormer table (read_matformer_config), recorded with it."""
     src = Path(src)
     hf_config = read_hf_config(src)
     cfg = TextConfig.from_hf_dict(hf_config)
@@ -148,10 +150,63 @@ def slice_checkpoint(
         "ffn_widths": list(new_cfg.ffn_widths),
         "skipped_layers": sorted(skip_layers),
         "preset": preset,
-    }
+    } | ({"name": name} if name else {})
     extra = {name: (src / name).read_bytes() for name in COPIED_FILES if (src / name).is_file()}
     write_checkpoint(dst, out_config, sliced_tensors(), extra_files=extra)
     return new_cfg
+
+
+# Google's MatFormer Lab table (as mistral.rs ships it in matformer_configs/gemma3n.csv): one row per slice, the FFN
+# widths one per kept layer written as "[2_048 * 4, ...]", the skipped layers as "[20, 21, ...]" or empty.
+MATFORMER_COLUMNS = ("name", "# Layers", "FFN Hidden Dims", "Layers Skipped")
+_WIDTH = re.compile(r"\s*(\d[\d_]*)\s*(?:\*\s*(\d[\d_]*))?\s*")
+
+
+def _bracketed_ints(text: str, where: str) -> list[int]:
+    """ "[2_048 * 4, 8192]" -> [8192, 8192]: integers (underscores allowed) or products of two; nothing evaluated."""
+    text = text.strip()
+    if text in ("", "[]"):
+        return []
+    if not (text.startswith("[") and text.endswith("]")):
+        raise InputError(f"{where}: {text[:40]!r} is not a bracketed list")
+    values = []
+    for item in text[1:-1].split(","):
+        m = _WIDTH.fullmatch(item)
+        if not m:
+            raise InputError(f"{where}: {item.strip()[:40]!r} is not an integer or a product of two")
+        values.append(int(m.group(1).replace("_", "")) * int((m.group(2) or "1").replace("_", "")))
+    return values
+
+
+def read_matformer_config(path: str | Path, name: str) -> tuple[list[int], list[int]]:
+    """(FFN widths of the kept layers, skipped layers) of the row `name` of a MatFormer configuration table (CSV
+    with the columns of MATFORMER_COLUMNS; others, such as '# Effective Params (B)', are ignored). An unknown name
+    is refused listing the table's names."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--matformer-config: {path}: no such file")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"--matformer-config: {path}: not a readable CSV table ({e})") from None
+    missing = [c for c in MATFORMER_COLUMNS if not rows or c not in rows[0]]
+    if missing:
+        raise InputError(f"--matformer-config: {path}: no column {', '.join(repr(c) for c in missing)} (expected "
+                         f"{', '.join(MATFORMER_COLUMNS)})")
+    names = [(row["name"] or "").strip() for row in rows]
+    if name not in names:
+        raise InputError(f"--slice-name: {name!r} is not in {path}; its slices: {'; '.join(names)}")
+    row = rows[names.index(name)]
+    where = f"{path}: {name}"
+    widths = _bracketed_ints(row["FFN Hidden Dims"] or "", f"{where}: FFN Hidden Dims")
+    skip = _bracketed_ints(row["Layers Skipped"] or "", f"{where}: Layers Skipped")
+    layers = (row["# Layers"] or "").strip()
+    if not layers.isdigit() or int(layers) != len(widths):
+        raise InputError(f"{where}: '# Layers' is {layers!r} but FFN Hidden Dims lists {len(widths)} widths")
+    return widths, skip
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:

@@ -51,7 +51,7 @@ from exporters.spec import EXPORT_RECORD, ExportSpec
 from models.accounting import count_checkpoint, count_config
 from models.checkpoint import save_pretrained
 from models.errors import InputError
-from models.fileio import atomic_directory
+from models.fileio import atomic_directory, check_new_directory
 from models.generate import prefill_and_decode, prefill_and_decode_embeddings
 from models.multimodal import Gemma3n
 from models.text import TextDecoder
@@ -203,11 +203,13 @@ def build_bundles(
     image_sizes: tuple[int, ...] = (768,),
     jobs: int = 1,
     log: Path | None = None,
+    sign: Path | None = None,
 ) -> Path:
     """model: a TextDecoder (text-only bundles) or a whole Gemma3n (the encoders too, at `image_sizes`).
     cache_len: by default TEXT_CACHE_LEN, or for a whole model MULTIMODAL_CACHE_LEN capped at its maximum positions.
     jobs: targets lowered at once, each in a process of its own (see lower_targets). log: where the converters'
-    output goes (appended); None leaves it on this process's stdout and stderr. progress: one call per step."""
+    output goes (appended); None leaves it on this process's stdout and stderr. progress: one call per step.
+    sign: a private key (PEM) that signs each target folder (contract.signing) before the bundle is complete."""
     from models.encoders import golden_media, media_token_embeddings
     from runtime_py.components.tokenizer import DEFAULT_TOKENIZER
 
@@ -216,6 +218,11 @@ def build_bundles(
         raise InputError(f"--targets: unknown target {unknown[0] if unknown else '(none)'} ({', '.join(TARGETS)})")
     if quant not in QUANT_LEVELS:
         raise InputError(f"--quant: {quant!r} is not one of {', '.join(QUANT_LEVELS)}")
+    check_new_directory(out)
+    if sign is not None:  # refused now, not after minutes of lowering
+        from contract.signing import check_private_key, signing_tool
+
+        check_private_key(sign, "--sign"), signing_tool()
     whole = model.float().eval() if isinstance(model, Gemma3n) else None
     if whole is not None:
         whole.hf_config = checkpoint_config(whole)
@@ -276,6 +283,11 @@ def build_bundles(
                 manifest["encoders"] = _encoders_entry(whole, spec, media_tensors)
             manifest["files"] = file_entries(folder)
             (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            if sign is not None:
+                from contract.signing import sign_bundle
+
+                progress(f"signing {target}")
+                sign_bundle(folder, sign)
         if make_zip:
             for target in targets:
                 deterministic_zip(tmp / target, tmp / f"{target}.zip")

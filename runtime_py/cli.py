@@ -22,6 +22,12 @@ def _add_model_source(p: argparse.ArgumentParser, presets: bool = False) -> None
         p.add_argument("--preset", choices=["e2b", "e4b", "tiny"], help="count a published configuration without weights")
 
 
+def _add_matformer_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matformer-config", type=Path, metavar="CSV",
+                   help="MatFormer Lab's slicing table (columns name, # Layers, FFN Hidden Dims, Layers Skipped)")
+    p.add_argument("--slice-name", help="the table's row to slice, e.g. 'Config for E2.49B (block-level)'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="g3n", description="Gemma 3n checkpoints to phone bundles.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -31,12 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, help="summarise a bundle's manifest (and verify its files)")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
 
+    p = sub.add_parser("sign", help="sign a bundle with OpenSSF model-signing (writes bundle.sig in each target folder)")
+    p.add_argument("--bundle", type=Path, required=True, help="a target folder (out/android) or g3n bundle's --out")
+    p.add_argument("--key", type=Path, required=True, help="private key, PEM (elliptic curve)")
+
+    p = sub.add_parser("verify", help="check a bundle: its manifest, every file's sha256 and, with --key, its signature")
+    p.add_argument("--bundle", type=Path, required=True, help="a target folder (out/android) or g3n bundle's --out")
+    p.add_argument("--key", type=Path, help="public key, PEM: the bundle must be signed by its private key")
+
     p = sub.add_parser("slice", help="MatFormer: write a nested sub-model as a Hugging Face checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="source checkpoint directory")
     p.add_argument("--out", type=Path, required=True, help="new checkpoint directory (must not exist)")
     p.add_argument("--preset", choices=["e2b"], help="the published E2B slice of an E4B checkpoint")
     p.add_argument("--ffn-widths", help="one FFN width for all kept layers, or one per kept layer: W1,W2,...")
     p.add_argument("--skip-layers", help="layers to drop: i,j,...")
+    _add_matformer_config(p)
 
     p = sub.add_parser("generate", help="generate from a bundle on a backend, or from token ids with the PyTorch model")
     p.add_argument("prompt", nargs="?", help="prompt text (wrapped in the Gemma chat template)")
@@ -51,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", type=Path, action="append", default=[],
                    help="a WAV/FLAC file for the prompt (repeatable; clips over 30 s take one span per 30 s window)")
     p.add_argument("--image-size", type=int, help="the vision encoder's input size (default: the bundle's first)")
+    p.add_argument("--require-signature", type=Path, metavar="PUBLIC_KEY",
+                   help="run the bundle only if its bundle.sig verifies with this public key (PEM)")
     p.add_argument("--token-ids", help="prompt token ids instead of text: 2,105,... (greedy; with --bundle, on its "
                                        "--backend; else the PyTorch model of --checkpoint or the default)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
@@ -67,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice", choices=["e2b"], help="MatFormer: bundle the E2B slice of an E4B checkpoint")
     p.add_argument("--ffn-widths", help="MatFormer Mix-n-Match: FFN width(s) of the kept layers")
     p.add_argument("--skip-layers", help="MatFormer Mix-n-Match: layers to drop")
+    _add_matformer_config(p)
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model or tokenizer.json (default: the checkpoint's, "
                                                   "else the tiny model's)")
     p.add_argument("--cache-len", type=int, help="static KV-cache length (default: 256 for a text-only model, 1024 "
@@ -77,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-only", action="store_true", help="bundle the language model alone (no encoders)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--zip", action="store_true", help="also write <target>.zip beside each folder")
+    p.add_argument("--sign", type=Path, metavar="PRIVATE_KEY",
+                   help="sign each target folder with this PEM key (OpenSSF model-signing: bundle.sig)")
     p.add_argument("--jobs", type=int, help="targets lowered at once, one process each (default: 2 on a machine "
                                             "with 2+ cores for models under 1B parameters, else 1)")
     p.add_argument("--log", type=Path, help="file for the converters' output (default: <out>.log beside --out)")
@@ -291,22 +311,87 @@ def _bundle_info(args) -> int:
     return 0
 
 
-def cmd_slice(args) -> int:
+def _target_folders(path: Path) -> list[Path]:
+    """A bundle folder itself, or the target folders inside g3n bundle's --out."""
+    from contract.bundle import MANIFEST, TARGET_RUNTIMES
     from models.errors import InputError
-    from models.matformer import parse_int_list, slice_checkpoint
 
-    if args.preset and (args.ffn_widths or args.skip_layers):
-        raise InputError("give --preset or --ffn-widths/--skip-layers, not both")
-    if not args.preset and not (args.ffn_widths or args.skip_layers):
-        raise InputError("say what to slice: --preset e2b, or --ffn-widths and/or --skip-layers")
+    if (path / MANIFEST).is_file():
+        return [path]
+    folders = [path / t for t in TARGET_RUNTIMES if (path / t / MANIFEST).is_file()]
+    if not folders:
+        raise InputError(f"--bundle {path}: no {MANIFEST} in it or in its {', '.join(TARGET_RUNTIMES)} folders")
+    return folders
+
+
+def cmd_sign(args) -> int:
+    from contract.bundle import verify_bundle
+    from contract.signing import check_private_key, sign_bundle
+
+    check_private_key(args.key, "--key")
+    folders = _target_folders(args.bundle)
+    for folder in folders:  # every file checked against its manifest before it is signed
+        verify_bundle(folder)
+    for folder in folders:
+        print(f"signed {sign_bundle(folder, args.key)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from contract.bundle import bundle_digest, verify_bundle, verify_reference
+    from contract.signing import is_signed, verify_signature
+
+    for folder in _target_folders(args.bundle):
+        manifest = verify_bundle(folder)
+        verify_reference(folder, manifest)
+        if args.key is not None:
+            verify_signature(folder, args.key)
+            signature = f"signature verified with {args.key}"
+        else:
+            signature = "signed (give --key to check the signature)" if is_signed(folder) else "unsigned"
+        print(f"{folder}: {manifest['target']} bundle, files and reference verified, {signature}; "
+              f"digest {bundle_digest(folder)}")
+    return 0
+
+
+def _slice_plan(args, preset_flag: str) -> tuple[list[int] | None, list[int], str | None] | None:
+    """(ffn widths, skipped layers, preset) asked for by one of: the preset flag (--preset / --slice), --ffn-widths
+    and/or --skip-layers, or --matformer-config with --slice-name; None when no slice is asked for."""
+    from models.errors import InputError
+    from models.matformer import parse_int_list, read_matformer_config
+
+    preset = getattr(args, preset_flag.lstrip("-"))
+    if (args.matformer_config is None) != (args.slice_name is None):
+        raise InputError("give --matformer-config and --slice-name together")
+    ways = [preset_flag] * bool(preset) + ["--ffn-widths/--skip-layers"] * bool(args.ffn_widths or args.skip_layers)
+    ways += ["--matformer-config"] * (args.matformer_config is not None)
+    if len(ways) > 1:
+        raise InputError(f"give one of {', '.join(ways)}, not several")
+    if args.matformer_config is not None:
+        widths, skip = read_matformer_config(args.matformer_config, args.slice_name)
+        return widths, skip, None
+    if not ways:
+        return None
     widths = parse_int_list(args.ffn_widths, "--ffn-widths") if args.ffn_widths else None
     skip = parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else []
+    return widths, skip, preset
+
+
+def cmd_slice(args) -> int:
+    from models.errors import InputError
+    from models.matformer import slice_checkpoint
+
+    plan = _slice_plan(args, "--preset")
+    if plan is None:
+        raise InputError("say what to slice: --preset e2b, --ffn-widths and/or --skip-layers, or "
+                         "--matformer-config with --slice-name")
+    widths, skip, preset = plan
     from rich.progress import Progress
 
     with Progress(transient=True) as progress:
         task = progress.add_task("slicing tensors", total=None)
         cfg = slice_checkpoint(
-            args.checkpoint, args.out, widths, skip, args.preset,
+            args.checkpoint, args.out, widths, skip, preset, name=args.slice_name,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     print(f"wrote {args.out}: {cfg.num_layers} layers, FFN widths {list(cfg.ffn_widths)}, "
@@ -334,7 +419,7 @@ def cmd_generate(args) -> int:
     images = [str(p) for p in args.image] + [_video_frames(d) for d in args.video]
     audio = [str(p) for p in args.audio]
     media = {"images": images, "audio": audio, "image_size": args.image_size} if images or audio else {}
-    session = open_bundle(args.bundle, args.backend)
+    session = open_bundle(args.bundle, args.backend, public_key=args.require_signature)
     if media and not getattr(session, "accepts_media", False):  # litertlm on a bundle without encoders
         from runtime_py.session import NO_ENCODERS
 
@@ -375,7 +460,8 @@ def _generate_token_ids(args) -> int:
 
         if args.checkpoint is not None:
             raise InputError("--token-ids: give --bundle or --checkpoint, not both")
-        session, source = open_bundle(args.bundle, args.backend), f"{args.bundle} ({args.backend})"
+        session = open_bundle(args.bundle, args.backend, public_key=args.require_signature)
+        source = f"{args.bundle} ({args.backend})"
         if not hasattr(session, "generate_ids"):
             raise InputError(f"--token-ids: the {args.backend} backend takes text only (Google's engine tokenizes "
                              f"by itself); use another backend of the bundle")
@@ -400,20 +486,18 @@ def cmd_bundle(args) -> int:
     from runtime_py.bundle import build_bundles
     from runtime_py.components.tokenizer import checkpoint_tokenizer
 
+    plan = _slice_plan(args, "--slice")
     model, source = _load_whole(args)
     info = {"name": source}
     tokenizer = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
-    if args.slice and (args.ffn_widths or args.skip_layers):
-        raise InputError("give --slice or --ffn-widths/--skip-layers, not both")
-    if args.slice or args.ffn_widths or args.skip_layers:
+    if plan is not None:
+        widths, skip, preset = plan
         with tempfile.TemporaryDirectory() as tmp:
             src = args.checkpoint
             if src is None:
                 src = Path(tmp) / "source"
                 save_pretrained(model, src)
-            widths = parse_int_list(args.ffn_widths, "--ffn-widths") if args.ffn_widths else None
-            skip = parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else []
-            slice_checkpoint(src, Path(tmp) / "sliced", widths, skip, args.slice)
+            slice_checkpoint(src, Path(tmp) / "sliced", widths, skip, preset, name=args.slice_name)
             model = load_pretrained(Path(tmp) / "sliced")
             info["matformer_slice"] = model.hf_config["matformer_slice"]
             if args.text_only and not isinstance(model, TextDecoder):
@@ -425,14 +509,18 @@ def cmd_bundle(args) -> int:
         log.unlink()
     started = time.monotonic()
 
-    def progress(message: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+    # The opening line waits for build_bundles' first step: a flag it refuses gets its one error line alone.
+    opening = [f"bundling {source} for {', '.join(targets)} ({args.quant}); converter logs: {log}"]
 
-    progress(f"bundling {source} for {', '.join(targets)} ({args.quant}); converter logs: {log}")
+    def progress(message: str) -> None:
+        for line in opening + [message]:
+            print(f"[{time.monotonic() - started:6.1f} s] {line}", file=sys.stderr, flush=True)
+        opening.clear()
+
     out = build_bundles(
         model, args.out, targets, args.quant, tokenizer, args.cache_len,
         tuple(parse_int_list(args.prefill_lengths, "--prefill-lengths")), info, args.zip,
-        progress=progress, image_sizes=_image_sizes(args.image_sizes), jobs=jobs, log=log,
+        progress=progress, image_sizes=_image_sizes(args.image_sizes), jobs=jobs, log=log, sign=args.sign,
     )
     for target in targets:
         manifest = json.loads((out / target / MANIFEST).read_text())
@@ -618,6 +706,8 @@ def cmd_harness(args) -> int:
 
 COMMANDS = {
     "info": cmd_info,
+    "sign": cmd_sign,
+    "verify": cmd_verify,
     "slice": cmd_slice,
     "generate": cmd_generate,
     "export": cmd_export,

@@ -48,13 +48,19 @@ def check_backend(backend: str) -> None:
         raise InputError(f"--backend: unknown backend {backend!r} ({', '.join(BACKENDS)})")
 
 
-def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2, compute_units: str | None = None):
+def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2, compute_units: str | None = None,
+                public_key: str | Path | None = None):
     """Verifies the bundle (every file's size and sha256, the manifest's types), then returns a session on `backend`:
     a Session, or for litertlm (Google's engine tokenizes, samples and stops by itself) a LitertLmSession. The torch
     backend runs the float reference checkpoint beside the bundle (../reference), checked against the manifest too.
-    The session's `manifest` is the bundle's typed manifest. compute_units: Core ML's (coreml only; default ALL)."""
+    The session's `manifest` is the bundle's typed manifest. compute_units: Core ML's (coreml only; default ALL).
+    public_key: the bundle must be signed (contract.signing) by this key's private half, or it is refused."""
     check_backend(backend)
     manifest = read_bundle(path)
+    if public_key is not None:
+        from contract.signing import verify_signature
+
+        verify_signature(manifest.folder, Path(public_key), "--require-signature")
     path = manifest.folder
     needed = BACKEND_TARGETS[backend]
     if needed is not None and manifest.target != needed:

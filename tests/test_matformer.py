@@ -84,3 +84,78 @@ def test_dropping_a_kv_source_is_refused(tiny_checkpoint, tmp_path):
 def test_bad_slice_requests(tiny_checkpoint, tmp_path, widths, skip, message):
     with pytest.raises(InputError, match=message):
         slice_checkpoint(tiny_checkpoint, tmp_path / "x", ffn_widths=widths, skip_layers=skip)
+
+
+# --- MatFormer Lab's slicing table -------------------------------------------------------------------------------
+
+def _widths(*groups: tuple[int, str]) -> str:
+    return "[" + ", ".join(w for n, w in groups for _ in range(n)) + "]"
+
+
+# Google's table layout (as mistral.rs ships it: matformer_configs/gemma3n.csv), rows sized for the E4B-shaped toy
+# checkpoint (35 layers, FFN width 8256): the published E2B row as Google writes it, a Mix-n-Match row of the toy's
+# own widths, and a row of the real E4B's widths (16384), wider than the toy.
+MATFORMER_CSV = "\n".join([
+    "name,# Layers,# Effective Params (B),MMLU PT accuracy,FFN Hidden Dims,Layers Skipped",
+    f'Config for official E2B Model,30,1.91,50.90%,"{_widths((30, "2_048 * 4"))}","[20, 21, 22, 23, 24]"',
+    f'Toy mix (layer-level),35,0.01,,"{_widths((4, "2_048 * 4"), (1, "8_256"), (30, "2_048 * 4"))}",',
+    f'Config for E2.49B (block-level),35,2.49,54.50%,"{_widths((20, "2_048 * 4"), (5, "2_048 * 8"), (10, "2_048 * 4"))}",',
+    'Broken row,2,0,,"[2_048 * x, 8192]",',
+]) + "\n"
+
+
+@pytest.fixture
+def matformer_csv(tmp_path):
+    path = tmp_path / "gemma3n.csv"
+    path.write_text(MATFORMER_CSV)
+    return path
+
+
+def test_a_slice_by_name_from_the_matformer_table(capsys, e4b_shaped_checkpoint, matformer_csv, tmp_path):
+    """The table's E2B row gives the same tensors as --preset e2b; a Mix-n-Match row gets the widths it lists."""
+    from conftest import run_cli
+
+    code, _, err = run_cli(capsys, "slice", "--checkpoint", e4b_shaped_checkpoint, "--out", tmp_path / "by-name",
+                           "--matformer-config", matformer_csv, "--slice-name", "Config for official E2B Model")
+    assert code == 0, err
+    slice_checkpoint(e4b_shaped_checkpoint, tmp_path / "preset", preset="e2b")
+    by_name, preset = load_file(tmp_path / "by-name" / "model.safetensors"), load_file(tmp_path / "preset" /
+                                                                                         "model.safetensors")
+    assert by_name.keys() == preset.keys() and all(torch.equal(by_name[k], preset[k]) for k in preset)
+    config = json.loads((tmp_path / "by-name" / "config.json").read_text())
+    assert config["matformer_slice"]["name"] == "Config for official E2B Model"
+    assert config["matformer_slice"]["skipped_layers"] == [20, 21, 22, 23, 24]
+
+    code, _, err = run_cli(capsys, "slice", "--checkpoint", e4b_shaped_checkpoint, "--out", tmp_path / "mix",
+                           "--matformer-config", matformer_csv, "--slice-name", "Toy mix (layer-level)")
+    assert code == 0, err
+    mixed = load_text_decoder(tmp_path / "mix").config
+    assert mixed.ffn_widths == (8192,) * 4 + (8256,) + (8192,) * 30 and mixed.num_layers == 35
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--slice-name", "Config for E9B"], ["--slice-name", "'Config for E9B' is not in", "Toy mix (layer-level)",
+                                          "Config for official E2B Model"]),
+    (["--slice-name", "Config for E2.49B (block-level)"], ["--ffn-widths", "16384"]),
+    (["--slice-name", "Broken row"], ["Broken row", "FFN Hidden Dims", "'2_048 * x'"]),
+    (["--preset", "e2b", "--slice-name", "Toy mix (layer-level)"], ["--preset", "--matformer-config", "not several"]),
+    ([], ["--matformer-config and --slice-name together"]),
+])
+def test_bad_matformer_table_requests(capsys, e4b_shaped_checkpoint, matformer_csv, tmp_path, argv, fragments):
+    from conftest import assert_one_error_line, run_cli
+
+    code, _, err = run_cli(capsys, "slice", "--checkpoint", e4b_shaped_checkpoint, "--out", tmp_path / "x",
+                           "--matformer-config", matformer_csv, *argv)
+    assert_one_error_line(code, err, *fragments)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_matformer_table_without_its_columns_is_refused(capsys, e4b_shaped_checkpoint, tmp_path):
+    from conftest import assert_one_error_line, run_cli
+
+    table = tmp_path / "t.csv"
+    table.write_text("name,widths\nA,[1]\n")
+    code, _, err = run_cli(capsys, "bundle", "--checkpoint", e4b_shaped_checkpoint, "--out", tmp_path / "b",
+                           "--matformer-config", table, "--slice-name", "A")
+    assert_one_error_line(code, err, "--matformer-config", "no column '# Layers', 'FFN Hidden Dims', 'Layers Skipped'")
+    assert not (tmp_path / "b").exists()

@@ -102,9 +102,9 @@ class LiteRtDebugExecutor(LiteRtExecutor):
 
     def __init__(self, path: Path, lookups: "FloatLookups", cache_len: int, prefill_lengths: tuple[int, ...],
                  threads: int = 2):
-        from ai_edge_litert.interpreter import Interpreter
+        from runtime_py.executors.litert_executor import load_interpreter
 
-        self.decoder = Interpreter(model_path=str(path), num_threads=threads)
+        self.decoder = load_interpreter(Path(path), threads)
         self._runners = {name: self.decoder.get_signature_runner(name) for name in self.decoder.get_signature_list()}
         self._cache_inputs = {name: d for name, d in self._runners["decode"].get_input_details().items()
                               if name.startswith("kv_cache_")}

@@ -7,11 +7,56 @@ are shared above it in the session, so every backend behaves the same.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import threading
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from models.errors import InputError
+
+# Where native runtimes' lines go while they load (ExecuTorch's cpuinfo probing, TFLite's "Created XNNPACK delegate",
+# torch's import-time warnings): not the terminal, where only the generated text and our own lines belong.
+RUNTIME_LOG_ENV = "G3N_RUNTIME_LOG"
+_quiet_lock, _quiet_depth, _saved_stderr = threading.Lock(), 0, None
+
+
+def runtime_log() -> Path:
+    return Path(os.environ.get(RUNTIME_LOG_ENV) or Path(tempfile.gettempdir()) / f"g3n-runtime-{os.getuid()}.log")
+
+
+@contextlib.contextmanager
+def native_output_to_log():
+    """File descriptor 2 appended to runtime_log() inside the block (native code writes there directly, past
+    sys.stderr). Nested and concurrent blocks share one redirection: the first in saves the descriptor, the last out
+    restores it. With G3N_DEBUG set, nothing is redirected."""
+    global _quiet_depth, _saved_stderr
+    if os.environ.get("G3N_DEBUG"):
+        yield
+        return
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            import sys
+
+            sys.stderr.flush()
+            _saved_stderr = os.dup(2)
+            with open(runtime_log(), "ab") as log:
+                os.dup2(log.fileno(), 2)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                import sys
+
+                sys.stderr.flush()
+                os.dup2(_saved_stderr, 2)
+                os.close(_saved_stderr)
 
 
 class Executor(Protocol):

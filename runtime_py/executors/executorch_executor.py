@@ -19,16 +19,17 @@ from contract.bundle import (
     vision_encoder_name,
 )
 from models.errors import InputError
-from runtime_py.executors.base import check_image_size
+from runtime_py.executors.base import check_image_size, native_output_to_log
 
 
 def load_program(pte: Path, ptd: Path):
     """The program of `pte` with its external weights `ptd`; both are memory-mapped."""
-    import executorch.kernels.quantized  # noqa: F401  (registers the kernels quantized programs call)
-    from executorch.runtime import Runtime
-
+    with native_output_to_log():
+        import executorch.kernels.quantized  # noqa: F401  (registers the kernels quantized programs call)
+        from executorch.runtime import Runtime
     try:
-        return Runtime.get().load_program(pte, data_path=ptd)
+        with native_output_to_log():
+            return Runtime.get().load_program(pte, data_path=ptd)
     except Exception as e:  # the runtime raises RuntimeError for unreadable programs
         raise InputError(f"{pte}: ExecuTorch cannot load it ({e})") from None
 
@@ -38,8 +39,9 @@ class ExecuTorchExecutor:
 
     def __init__(self, pte: Path, ptd: Path, cache_len: int, prefill_lengths: tuple[int, ...]):
         program = load_program(pte, ptd)
-        self.methods = {name: program.load_method(name) for name in program.method_names
-                        if name.startswith((PREFILL_PREFIX, DECODE, TOKEN_EMBEDDING, PER_LAYER_EMBEDDING))}
+        with native_output_to_log():  # XNNPACK's first load probes the CPU, loudly
+            self.methods = {name: program.load_method(name) for name in program.method_names
+                            if name.startswith((PREFILL_PREFIX, DECODE, TOKEN_EMBEDDING, PER_LAYER_EMBEDDING))}
         self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
 
     def _ids(self, ids: np.ndarray) -> torch.Tensor:
@@ -96,7 +98,8 @@ class ExecuTorchEncoders:
 
     def _method(self, name: str):
         if name not in self._methods:
-            self._methods[name] = self.program.load_method(name)
+            with native_output_to_log():
+                self._methods[name] = self.program.load_method(name)
         return self._methods[name]
 
     def image(self, pixel_values: np.ndarray) -> np.ndarray:

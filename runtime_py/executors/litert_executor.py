@@ -18,6 +18,7 @@ from contract.bundle import (
     prefill_name,
 )
 from models.errors import InputError
+from runtime_py.executors.base import native_output_to_log
 
 
 def litertlm_section_list(path: Path, types: set[str] | None = None) -> list[tuple[str, bytes]]:
@@ -50,19 +51,29 @@ def litertlm_sections(path: Path) -> dict[str, bytes]:
     return dict(litertlm_section_list(path))
 
 
+def load_interpreter(model: bytes | Path, threads: int):
+    """ai_edge_litert's Interpreter over one section (bytes) or .tflite file, XNNPACK applied now (allocate_tensors),
+    so that TFLite's INFO line about it goes to the runtime log rather than to the terminal at the first call."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    source = {"model_path": str(model)} if isinstance(model, Path) else {"model_content": model}
+    with native_output_to_log():
+        loaded = Interpreter(**source, num_threads=threads)
+        loaded.allocate_tensors()
+    return loaded
+
+
 class LiteRtExecutor:
     name = "litert"
 
     def __init__(self, litertlm: Path, cache_len: int, prefill_lengths: tuple[int, ...], threads: int = 2):
-        from ai_edge_litert.interpreter import Interpreter
-
         sections = litertlm_sections(litertlm)
         missing = {PREFILL_DECODE_SECTION, EMBEDDER_SECTION, PER_LAYER_EMBEDDER_SECTION} - set(sections)
         if missing:
             raise InputError(f"{litertlm}: no {', '.join(sorted(missing))} section")
-        self.decoder = Interpreter(model_content=sections[PREFILL_DECODE_SECTION], num_threads=threads)
-        self.embedder = Interpreter(model_content=sections[EMBEDDER_SECTION], num_threads=threads)
-        self.per_layer_embedder = Interpreter(model_content=sections[PER_LAYER_EMBEDDER_SECTION], num_threads=threads)
+        self.decoder = load_interpreter(sections[PREFILL_DECODE_SECTION], threads)
+        self.embedder = load_interpreter(sections[EMBEDDER_SECTION], threads)
+        self.per_layer_embedder = load_interpreter(sections[PER_LAYER_EMBEDDER_SECTION], threads)
         self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
         self._runners = {name: self.decoder.get_signature_runner(name) for name in self.decoder.get_signature_list()}
         self._cache_inputs = {
@@ -118,14 +129,12 @@ class LiteRtEncoders:
 
     def __init__(self, litertlm: Path, components: tuple[str, ...], threads: int = 2):
         """components: what the bundle lists ("vision", "audio"); each must have its sections."""
-        from ai_edge_litert.interpreter import Interpreter
-
         self.litertlm = Path(litertlm)
         sections = litertlm_section_list(self.litertlm, set(ENCODER_SECTIONS))
         by_type: dict[str, list[bytes]] = {}
         for model_type, data in sections:
             by_type.setdefault(model_type, []).append(data)
-        load = lambda data: Interpreter(model_content=data, num_threads=threads)  # noqa: E731
+        load = lambda data: load_interpreter(data, threads)  # noqa: E731
         components = set(components)
         self._vision: dict[int, object] = {}  # size -> signature runner
         self._interpreters = []  # the runners' interpreters must outlive them

@@ -347,13 +347,10 @@ def litert_delegation(litertlm: Path, threads: int) -> dict:
     The Python Interpreter lists every node of a subgraph, the delegate's own nodes appended after allocation; an
     original node stayed outside the delegate exactly when a tensor it produces is read outside a delegate partition
     (by a delegate node as input, by a node outside the delegate, or as a subgraph output)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    from runtime_py.executors.litert_executor import litertlm_sections
+    from runtime_py.executors.litert_executor import litertlm_sections, load_interpreter
 
     sections = litertlm_sections(litertlm)
-    interpreter = Interpreter(model_content=sections["prefill_decode"], num_threads=threads)
-    interpreter.allocate_tensors()
+    interpreter = load_interpreter(sections["prefill_decode"], threads)
     signatures = list(interpreter.get_signature_list())
     subgraph0 = next((s for s in signatures if interpreter._interpreter.GetSubgraphIndexFromSignature(s) == 0), None)
     counts = _delegated_counts(interpreter._get_ops_details(), interpreter._interpreter.OutputIndices())
