@@ -102,7 +102,8 @@ def pytest_sessionstart(session):
     waits on its lock only if it is still being built."""
     config = session.config
     whole_suite = not config.option.file_or_dir and not config.option.keyword and not config.option.markexpr
-    if hasattr(config, "workerinput") or not whole_suite or not getattr(config.option, "numprocesses", None):
+    if (hasattr(config, "workerinput") or not whole_suite or config.option.collectonly
+            or not getattr(config.option, "numprocesses", None)):
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -166,6 +167,8 @@ def multimodal_bundles(tmp_path_factory):
 SLOW_FIRST = ("test_export_litert_encoders.py", "test_export_executorch.py", "test_export_coreml_encoders.py",
               "test_export_coreml.py", "test_vision.py", "test_export_litert.py", "test_compare.py", "test_bundle.py",
               "test_export_executorch_encoders.py", "test_multimodal_runtime.py", "test_harness.py")
+# Quick files that need both shared bundle sets: last, when both are built, so that no worker idles on their locks.
+SHARED_LAST = ("test_signing.py", "test_fuzz.py", "test_bad_inputs.py")
 
 
 def pytest_addoption(parser):
@@ -178,5 +181,6 @@ def pytest_collection_modifyitems(config, items):
         if long:
             config.hook.pytest_deselected(items=long)
             items[:] = [item for item in items if not item.get_closest_marker("long")]
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)} | {name: len(SLOW_FIRST) + 1 + i
+                                                              for i, name in enumerate(SHARED_LAST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(SLOW_FIRST)))

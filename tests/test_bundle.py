@@ -97,7 +97,10 @@ def test_sigterm_during_a_build_leaves_nothing_and_stops_the_workers(tmp_path):
     for line in proc.stderr:  # the progress lines: wait until the lowering workers run
         if "queued" in line:
             break
-    time.sleep(5)
+    log, deadline = tmp_path / "out.log", time.monotonic() + 120
+    while not log.exists() and time.monotonic() < deadline:  # a worker opens it first thing (slow on a busy machine)
+        time.sleep(0.2)
+    time.sleep(2)
     workers = _descendants(proc.pid)
     assert workers
     proc.send_signal(signal.SIGTERM)
