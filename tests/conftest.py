@@ -107,6 +107,10 @@ def pytest_sessionstart(session):
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    # The run's temporary folder made here, once: two threads making it at once would each number a folder of their
+    # own, and one bundle set would be built where the workers never look (and built again by a worker).
+    config._tmp_path_factory.getbasetemp()
+
     def build_alone(build):  # one lowering process each, beside the two workers
         return lambda path: build(path, jobs=1)
 
