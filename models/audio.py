@@ -133,8 +133,8 @@ def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) 
             raise InputError(f"{name}: the file is {rate} Hz but sample_rate={sample_rate} was given")
     else:
         raise InputError(f"audio: expected a WAV/FLAC path or a numpy array, got {type(source).__name__}")
-    if not isinstance(rate, (int, np.integer)) or rate <= 0:
-        raise InputError(f"{name}: sample_rate must be a positive integer, got {rate!r}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not MIN_RATE <= rate <= MAX_RATE:
+        raise InputError(f"{name}: sample rate {rate!r} Hz is not an integer in {MIN_RATE}..{MAX_RATE}")
     if audio.shape[0] == 0:
         raise InputError(f"{name}: the audio is empty (zero samples)")
     if not np.isfinite(audio).all():
@@ -165,6 +165,11 @@ def _array_to_float(a: np.ndarray, name: str) -> np.ndarray:
     raise InputError(f"{name}: dtype {a.dtype} is not supported (float, int16, int32, int8 or uint8 expected)")
 
 
+# Sample rates and channel counts a clip may have. Beyond them a header is lying or the file is not speech: resampling
+# from a rate of 2**31 Hz designs a filter of tens of billions of taps (the fuzzer found it: out of memory), and
+# thousands of channels would size each decoded block by the header.
+MIN_RATE, MAX_RATE, MAX_CHANNELS = 1_000, 384_000, 32
+
 # The longest clip a prompt takes: 30 windows. Files are decoded block by block up to it, so a header that claims
 # more frames than the file holds (or a long file) never sizes an allocation.
 MAX_AUDIO_SECONDS = 30 * WINDOW_SECONDS
@@ -178,8 +183,9 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     try:
         with soundfile.SoundFile(str(path)) as f:
             rate, limit = int(f.samplerate), int(MAX_AUDIO_SECONDS * f.samplerate)
-            if rate <= 0 or f.channels <= 0:
-                raise InputError(f"{path}: the header gives {rate} Hz and {f.channels} channels")
+            if not (MIN_RATE <= rate <= MAX_RATE and 0 < f.channels <= MAX_CHANNELS):
+                raise InputError(f"{path}: the header gives {rate} Hz and {f.channels} channels (expected "
+                                 f"{MIN_RATE}..{MAX_RATE} Hz, 1..{MAX_CHANNELS} channels)")
             blocks, frames = [], 0
             for block in f.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):
                 blocks.append(block)

@@ -279,3 +279,21 @@ def test_a_clip_shorter_than_one_frame_still_gives_one_token(encoders):
     features, valid = log_mel_features(tone_and_noise(0.01))  # 160 samples < one 513-sample frame
     assert features.shape == (1, 128) and valid.all()
     assert [t.shape for t in encode_audio(ours, tone_and_noise(0.01))] == [(1, 32)]
+
+
+def test_a_header_with_an_absurd_sample_rate_is_refused_before_resampling(tmp_path):
+    """Found by tests/test_fuzz.py: a WAV header saying 2,000,000,000 Hz made resample_poly design a filter of tens of
+    billions of taps (out of memory). Rates outside 1 kHz..384 kHz are refused, from a file or with an array."""
+    import struct
+
+    path = tmp_path / "rate.wav"
+    soundfile.write(path, tone_and_noise(0.1), SAMPLE_RATE, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"fmt ") + 12  # the fmt chunk: format, channels, then the sample rate
+    data[at: at + 4] = struct.pack("<I", 2_000_000_000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"rate.wav: the header gives 2000000000 Hz"):
+        load_audio(path)
+    for rate in (0, 999, 10**9, True):
+        with pytest.raises(InputError, match="sample rate .* is not an integer in 1000..384000"):
+            load_audio(np.zeros(100, np.float32), sample_rate=rate)
