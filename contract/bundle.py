@@ -125,7 +125,8 @@ def _check_schema(manifest: dict, path: Path) -> None:
 
     error = best_match(_manifest_validator().iter_errors(manifest))
     if error is not None:
-        key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+        # A key may hold any character (a newline too): shown escaped, so the error stays one line.
+        key = ".".join(str(p) if str(p).isprintable() else repr(p) for p in error.absolute_path) or "(top level)"
         message = error.message if len(error.message) <= 160 else error.message[:157] + "..."
         raise InputError(f"{path}: {key}: {message}")
 

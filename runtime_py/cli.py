@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args) or 0
-    except G3nError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except G3nError as e:  # one line, whatever a message quotes from the input
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`g3n info | head`): not an error of ours
         sys.stdout = open(os.devnull, "w")

@@ -92,6 +92,17 @@ def test_manifest_reader(manifest, tmp_path, data):
         _one_line(e)
 
 
+def test_a_key_with_a_newline_is_named_on_one_line(manifest, tmp_path):
+    """Found by a 20000-example run: a key "\n" added where the schema allows any key (and checks the value) went
+    into the key path as is, and the message had two lines."""
+    edited = json.loads(json.dumps(manifest))
+    edited["model"]["parameters"]["\n"] = None
+    (tmp_path / MANIFEST).write_text(json.dumps(edited))
+    with pytest.raises(InputError, match=r"model\.parameters\.'\\n': None is not of type") as e:
+        read_manifest(tmp_path)
+    _one_line(e.value)
+
+
 @FUZZ
 @given(raw=st.binary(max_size=256))
 def test_manifest_reader_on_bytes(tmp_path, raw):
