@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SIGN_VENV ?= .venv-sign
 
-.PHONY: install run test long compare pins clean
+.PHONY: install run test long compare pins bench-litertlm clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,11 @@ long: install
 compare: install
 	rm -rf out/compare
 	$(BIN)/g3n compare --report out/compare --jobs 2
+
+# Our .litertlm against the one litert-torch's own export_hf makes of the same checkpoint, both run by Google's
+# engine, on the speed issue's E2B-shaped 280M model (about 15 min; not in .ci/run): out/bench-litertlm/bench.md
+bench-litertlm: install
+	$(BIN)/python ci/bench_litertlm.py --work out/bench-litertlm
 
 clean:
 	rm -rf $(VENV) $(SIGN_VENV)

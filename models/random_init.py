@@ -21,3 +21,20 @@ def randomise_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
+
+
+def widened_tokenizer(vocab_size: int) -> bytes:
+    """The default model's SentencePiece tokenizer (models/assets/tokenizer.model: Gemma's special and chat ids) with
+    placeholder pieces `<w{id}>` appended up to `vocab_size`, so that every id a random model of that vocabulary
+    generates decodes (Google's engine stops with an error on an id beyond its tokenizer)."""
+    from pathlib import Path
+
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((Path(__file__).parent / "assets" / "tokenizer.model").read_bytes())
+    for i in range(len(proto.pieces), vocab_size):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = f"<w{i}>", -1e9  # never chosen when encoding text
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    return proto.SerializeToString()

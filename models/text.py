@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,27 @@ class KVCache(nn.Module):
         self.k_cache[:, :, input_pos] = k
         self.v_cache[:, :, input_pos] = v
         return self.k_cache, self.v_cache
+
+
+def write_rows(cache: Tensor, new: Tensor, start: Tensor, dim: int) -> Tensor:
+    """`cache` with `new` written from index `start` on along `dim`, out of place."""
+    return cache.index_copy(dim, start + torch.arange(new.shape[dim], device=new.device), new)
+
+
+def matmul_nt(a: Tensor, b: Tensor) -> Tensor:
+    """a [..., M, D] @ b[..., N, D]^T -> [..., M, N]."""
+    return torch.matmul(a, b.transpose(-1, -2))
+
+
+@dataclass(frozen=True)
+class CacheOps:
+    """How the functional KV cache (cache as graph input and output) is written and read. An exporter passes its
+    runtime's ops of the same meaning (LiteRT: dynamic_update_slice, done in place, where an index_copy lowers to a
+    scatter that copies the cache; and a batch matmul that reads its right side transposed, where a transpose op
+    would copy the cache)."""
+
+    write: Callable[[Tensor, Tensor, Tensor, int], Tensor] = write_rows
+    matmul_nt: Callable[[Tensor, Tensor], Tensor] = matmul_nt
 
 
 def in_dtype(scale: float, dtype: torch.dtype) -> float:
@@ -94,6 +117,10 @@ class Attention(nn.Module):
 
     A KV-shared layer (`kv_shared_from` is set) has no k/v projections: it attends over the keys and values that
     its source layer wrote, which the decoder hands in as `shared_kv`.
+
+    The functional cache (`ops` given: LiteRT) stores K as [B, K, C, D] and V transposed, [B, K, D, C], the layout
+    LiteRT-LM's caches have: each step writes its T new rows in place of a slice and attention reads V transposed,
+    so no step copies or transposes a whole cache.
     """
 
     def __init__(self, cfg: TextConfig, layer_idx: int):
@@ -120,8 +147,10 @@ class Attention(nn.Module):
         input_pos: Tensor,
         shared_kv: tuple[Tensor, Tensor] | None,
         past_kv: tuple[Tensor, Tensor] | None = None,
+        ops: CacheOps | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Returns the output and the keys/values attended over ([B, K, S, D]): with a cache, the whole cache."""
+        """Returns the output and the keys/values attended over ([B, K, S, D]; V [B, K, D, S] with `ops`): with a
+        cache, the whole cache."""
         B, T, _ = x.shape
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)), cos, sin)
         if self.kv_shared_from is not None:
@@ -130,16 +159,18 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)), cos, sin)
             v = self.v_norm(self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-            if past_kv is not None:  # the cache as graph input and output (LiteRT style), written out of place
-                k, v = past_kv[0].index_copy(2, input_pos, k), past_kv[1].index_copy(2, input_pos, v)
+            if past_kv is not None:  # the functional cache, positions input_pos[0] onwards
+                k = ops.write(past_kv[0], k, input_pos[0], 2)
+                v = ops.write(past_kv[1], v.transpose(2, 3), input_pos[0], 3)
             elif self.kv_cache is not None:  # the cache as a mutable buffer (ExecuTorch and Core ML style)
                 k, v = self.kv_cache.update(input_pos, k, v)
-        out = grouped_query_attention(q.transpose(1, 2), k, v, mask)
+        out = grouped_query_attention(q.transpose(1, 2), k, v, mask, ops)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
 
-def grouped_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q [B, N, T, D], k/v [B, K, S, D], mask [T, S] -> [B, N, T, D]. Softmax in fp32.
+def grouped_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ops: CacheOps | None = None) -> Tensor:
+    """q [B, N, T, D], k/v [B, K, S, D] (with `ops`, the functional cache: v [B, K, D, S], and ops' matmul),
+    mask [T, S] -> [B, N, T, D]. Softmax in fp32.
 
     Query head n reads key/value head n // (N / K). The G = N / K query heads of a key/value head are stacked as
     G x T rows of one matmul against it, not matched by copies of the cache: nothing the size of the cache is
@@ -149,9 +180,10 @@ def grouped_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Te
     K = k.shape[1]
     groups = N // K
     rows = q.reshape(B, K, groups * T, D)
-    scores = torch.matmul(rows, k.transpose(2, 3)) + (torch.cat([mask] * groups) if groups > 1 else mask)
+    mm_nt = ops.matmul_nt if ops is not None else matmul_nt
+    scores = mm_nt(rows, k) + (torch.cat([mask] * groups) if groups > 1 else mask)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v).reshape(B, N, T, D)
+    return (mm_nt(probs, v) if ops is not None else torch.matmul(probs, v)).reshape(B, N, T, D)
 
 
 class FeedForward(nn.Module):
@@ -269,12 +301,13 @@ class DecoderLayer(nn.Module):
         input_pos: Tensor,
         shared_kv: tuple[Tensor, Tensor] | None,
         past_kv: tuple[Tensor, Tensor] | None = None,
+        ops: CacheOps | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         predictions = self.altup.predict(streams)
         active = predictions[self.active_idx]
         active_normed = self.input_layernorm(active)
         laurel_out = self.laurel(active_normed)
-        attn, kv = self.self_attn(active_normed, cos, sin, mask, input_pos, shared_kv, past_kv)
+        attn, kv = self.self_attn(active_normed, cos, sin, mask, input_pos, shared_kv, past_kv, ops)
         attn_laurel = (active + self.post_attention_layernorm(attn) + laurel_out) / math.sqrt(2)
         ffw = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(attn_laurel)))
         corrected = self.altup.correct(predictions, attn_laurel + ffw)
@@ -383,6 +416,7 @@ class TextDecoder(nn.Module):
         input_pos: Tensor | None = None,
         last_position_only: bool = False,
         kv_cache: list[tuple[Tensor, Tensor]] | None = None,
+        cache_ops: CacheOps = CacheOps(),
     ) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """inputs_embeds [B, T, H], per_layer_rows [B, T, L, P], input_pos [T] -> logits [B, T, V].
 
@@ -390,8 +424,9 @@ class TextDecoder(nn.Module):
         the other positions are then dropped before the first of them: in prefill only the last prompt position goes
         through the upper layers (E2B: 10 of 30 layers), which changes none of the caches or the last logits.
 
-        kv_cache: the cache passed in as tensors, one (k, v) pair [B, K, C, D] per cache-owning layer, instead of the
-        module's buffers; the updated pairs are then returned with the logits: (logits, new kv_cache).
+        kv_cache: the cache passed in as tensors, one pair (k [B, K, C, D], v transposed [B, K, D, C]) per
+        cache-owning layer, instead of the module's buffers, written at input_pos[0] onwards (contiguous positions) by
+        `cache_ops`; the updated pairs are then returned with the logits: (logits, new kv_cache).
         """
         cfg = self.config
         T = inputs_embeds.shape[1]
@@ -400,6 +435,7 @@ class TextDecoder(nn.Module):
         per_layer_inputs = self.per_layer_inputs(inputs_embeds, per_layer_rows)
 
         cache_len = kv_cache[0][0].shape[2] if kv_cache is not None else self.cache_len
+        ops = cache_ops if kv_cache is not None else None
         kv_pos = input_pos if cache_len is None else torch.arange(cache_len, device=input_pos.device)
         masks = {
             GLOBAL: attention_mask(input_pos, kv_pos, None).to(inputs_embeds.dtype),
@@ -424,7 +460,7 @@ class TextDecoder(nn.Module):
             shared_kv = kv_of_layer[source] if source is not None else None
             past_kv = kv_cache[i] if kv_cache is not None and source is None else None
             streams, kv = layer(
-                streams, per_layer_inputs[:, :, i, :], *rope[kind], masks[kind], input_pos, shared_kv, past_kv
+                streams, per_layer_inputs[:, :, i, :], *rope[kind], masks[kind], input_pos, shared_kv, past_kv, ops
             )
             if source is None:
                 kv_of_layer[i] = kv

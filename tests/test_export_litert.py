@@ -144,3 +144,29 @@ def test_int8_dynamic_decoder_errs_no_more_than_int8_weights_do(exported, tmp_pa
     # ~0.6; measured int8-dynamic: ~0.4). A correct lowering errs by about as much as that rounding, not more;
     # 1.5x leaves room for the dynamic activation rounding. A wrong scale or layout would err by O(logits).
     assert 0 < max(errors) <= 1.5 * weight_rounding
+
+
+def test_caches_are_written_as_slices_and_read_without_copies(exported):
+    """Each cache-owning layer writes K and V with one DYNAMIC_UPDATE_SLICE (done in place by the runtime) and reads
+    them through BATCH_MATMUL's adj_y, as litert-torch's export_hf does. With index_copy caches (STABLEHLO_SCATTER,
+    which XNNPACK does not run) and whole-cache transposes of V, prefill ran 2.5x slower on an E2B-shaped model.
+    Whole-cache transposes are left only where the converter shares one between the layers that read a KV-sharing
+    source (export_hf's graph has the same)."""
+    import ai_edge_litert.schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model, path = exported
+    cfg = model.config
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    flat = flatbuffer_utils.read_model(str(path.parent / litert.DECODER_FILE))
+    cache_shapes = ([1, cfg.num_kv_heads, CACHE_LEN, cfg.head_dim], [1, cfg.num_kv_heads, cfg.head_dim, CACHE_LEN])
+    shared_sources = {s for s in cfg.kv_shared_from if s is not None}
+    for graph in flat.subgraphs[:2]:  # prefill_8, decode
+        ops = [(names[max(flat.operatorCodes[op.opcodeIndex].builtinCode,
+                          flat.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)], op) for op in graph.operators]
+        kinds = [kind for kind, _ in ops]
+        assert "STABLEHLO_SCATTER" not in kinds, graph.name
+        assert kinds.count("DYNAMIC_UPDATE_SLICE") == 2 * len(cfg.cache_owning_layers), graph.name
+        cache_transposes = [op for kind, op in ops if kind == "TRANSPOSE"
+                            and list(graph.tensors[op.inputs[0]].shape) in cache_shapes]
+        assert len(cache_transposes) <= 2 * len(shared_sources), graph.name

@@ -1,6 +1,6 @@
 """KV-sharing prefill: the KV-shared upper layers write no cache, so prefill may run them on the last position only.
 Same last-position logits (<= 1e-4 in fp32; seen ~1e-6) and identical caches. Also the functional cache path
-(cache as tensors in and out, LiteRT style) against the buffer path."""
+(cache as tensors in and out, V transposed: LiteRT style) against the buffer path."""
 
 import torch
 
@@ -32,14 +32,15 @@ def test_functional_cache_equals_buffer_cache(tiny_checkpoint):
     model = load_pretrained(tiny_checkpoint)
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(6))
-    shape = (1, cfg.num_kv_heads, 24, cfg.head_dim)
-    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in cfg.cache_owning_layers]
+    kv = [(torch.zeros(1, cfg.num_kv_heads, 24, cfg.head_dim), torch.zeros(1, cfg.num_kv_heads, cfg.head_dim, 24))
+          for _ in cfg.cache_owning_layers]
     model.setup_caches(24)
     with torch.no_grad():
         for start, chunk in ((0, ids[:, :10]), (10, ids[:, 10:11]), (11, ids[:, 11:12])):
             args = (model.embed(chunk), model.per_layer_embedding(chunk), torch.arange(start, start + chunk.shape[1]))
             buffered = model.forward_embeddings(*args)
             functional, kv = model.forward_embeddings(*args, kv_cache=kv)
-            assert torch.equal(buffered, functional)
-    for (k1, v1), (k2, v2) in zip(_caches(model), kv):
-        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+            # V read transposed sums in another order: a float rounding apart (seen ~1e-6).
+            assert (buffered - functional).abs().max().item() <= 1e-5
+    for (k1, v1), (k2, v2) in zip(_caches(model), kv):  # the functional V is stored transposed
+        assert torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2.transpose(2, 3), atol=1e-5)
