@@ -15,8 +15,9 @@ cache), each in a fresh process: prefill and decode tokens/s (128 prompt tokens,
 and the process's peak RSS. Ratios are ours / export_hf (speed: > 1 is faster; memory: < 1 is smaller). Only ratios
 from one run mean anything: absolute figures on this machine move by 2x from day to day.
 
-export_hf needs two workarounds here (see README): a `tensorflow.lite.python.schema_py_generated` module that
-re-exports ai_edge_litert's, and the activation-sparsity multiplier that transformers 5 leaves at 0.
+export_hf needs three workarounds here (export_hf below): a `tensorflow.lite.python.schema_py_generated` module that
+re-exports ai_edge_litert's (TensorFlow is not installed), the activation-sparsity multiplier that transformers 5
+leaves at 0, and its Gemma 3n patches imported before its entry module.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def run_measured(cmd: list[str], log: Path) -> dict:
 
 
 def export_hf(checkpoint: str, out: str, recipe: str) -> None:
-    """litert-torch's export_hf with this environment's two workarounds."""
+    """litert-torch's export_hf with this environment's three workarounds."""
     import statistics as stats
     import tempfile
 
