@@ -28,8 +28,9 @@ SIGNATURE_FILE = "bundle.sig"  # beside manifest.json (contract.signing): the on
 
 TARGET_RUNTIMES = {"android": "litert", "ios": "coreml", "executorch": "executorch"}  # bundle target -> exporter
 # The backends of runtime_py that run each target's bundle (torch runs any bundle's ../reference).
-TARGET_BACKENDS = {"android": ("litert", "litertlm"), "executorch": ("executorch",), "ios": ("coreml",)}
-BACKENDS = ("torch", "litert", "litertlm", "executorch", "coreml")
+# coreml-mil runs an ios bundle's MIL programs op by op (runtime_py.executors.mil): Core ML's numerics off macOS.
+TARGET_BACKENDS = {"android": ("litert", "litertlm"), "executorch": ("executorch",), "ios": ("coreml", "coreml-mil")}
+BACKENDS = ("torch", "litert", "litertlm", "executorch", "coreml", "coreml-mil")
 BACKEND_TARGETS = {"torch": None} | {b: t for t, backends in TARGET_BACKENDS.items() for b in backends}
 
 # --- files -----------------------------------------------------------------------------------------------------

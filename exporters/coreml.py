@@ -40,7 +40,12 @@ import coremltools as ct
 import coremltools.optimize.coreml as cto
 import numpy as np
 import torch
+from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.frontend.milproto.load import load as load_mil_program
+from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+from coremltools.converters.mil.frontend.torch.torch_op_registry import (
+    register_torch_op,
+)
 from torch import Tensor, nn
 
 from contract.bundle import AUDIO_ENCODER as AUDIO_FUNCTION
@@ -68,6 +73,7 @@ WEIGHTS_DIR = Path("Data", "com.apple.CoreML", "weights")
 # Only weights of more than this many elements are compressed; the rest (norm scales, AltUp coefficients, small
 # projections) stay fp16, since compressing them saves almost nothing. coremltools' own default.
 MIN_QUANTIZED_ELEMENTS = 2048
+aten = torch.ops.aten
 
 
 class SliceWriteKVCache(KVCache):
@@ -124,12 +130,58 @@ def sample_inputs(model: TextDecoder, length: int, start: int = 0) -> tuple[Tens
     )
 
 
-def convert_program(program: torch.export.ExportedProgram, outputs: list[ct.TensorType]) -> ct.models.MLModel:
-    """One function with fp16 compute (iOS 18: states, multifunction packages, int8 per-channel constexprs)."""
+# Ops whose fp16 result is wrong where the model's float32 is right (both found by the coreml-mil executor, fp16 vs
+# fp32 op by op): RoPE's angles (position x inverse frequency: at position 216 fp16 already rounds them by 0.06 rad,
+# past 2048 the positions themselves) and running sums (the audio stem's cumulative group norm sums 512 values per
+# frame over 1,499 frames: 1e6, beyond fp16's 65,504, then inf and NaN).
+FP32_SINKS = ("cos", "sin", "cumsum")
+# The cheap ops on the way into a sink, kept float32 with it when every use of their result leads there.
+FP32_CHAIN = ("cast", "mul", "add", "sub", "real_div", "concat", "expand_dims", "reshape", "squeeze", "transpose",
+              "tile", "slice_by_index", "reduce_sum")
+
+
+def fp16_op_selector():
+    """coremltools' op selector for fp16 compute (True: fp16): every op but the FP32_SINKS, the FP32_CHAIN ops all of
+    whose uses lead into one, and the ops that read a running sum (its count's reciprocal reaches 1e-6)."""
+    leads_to_sink: dict = {}
+
+    def leads(op) -> bool:
+        if op not in leads_to_sink:
+            leads_to_sink[op] = False
+            children = [child for out in op.outputs for child in out.child_ops]
+            leads_to_sink[op] = op.op_type in FP32_SINKS or (
+                op.op_type in FP32_CHAIN and bool(children) and all(leads(child) for child in children))
+        return leads_to_sink[op]
+
+    def computes_in_fp16(op) -> bool:
+        reads_a_sum = any(getattr(var, "op", None) is not None and var.op.op_type == "cumsum"
+                          for value in op.inputs.values()
+                          for var in (value if isinstance(value, (list, tuple)) else [value]))
+        return not (leads(op) or reads_a_sum)
+
+    return computes_in_fp16
+
+
+@register_torch_op(override=True)
+def gelu(context, node):
+    """coremltools' gelu converter, reading the mode from torch.export's keyword too. Its own reads the arguments
+    only, so the model's tanh approximation (approximate="tanh", a keyword in the exported graph) became MIL's EXACT
+    gelu (found by the coreml-mil executor: up to 5e-4 per activation, in every FFN and the vision blocks)."""
+    inputs = _get_inputs(context, node)
+    approximate = (node.kwinputs or {}).get("approximate", inputs[1:] or ("none",))[0]
+    approximate = getattr(approximate, "val", approximate)
+    context.add(mb.gelu(x=inputs[0], mode="TANH_APPROXIMATION" if approximate == "tanh" else "EXACT", name=node.name))
+
+
+def convert_program(program: torch.export.ExportedProgram, outputs: list[ct.TensorType] | None = None,
+                    fp16: bool = True) -> ct.models.MLModel:
+    """One function with fp16 compute but for the ops fp16_op_selector keeps float32 (fp16=False: all float32);
+    iOS 18: states, multifunction packages, int8 per-channel constexprs."""
+    precision = ct.transform.FP16ComputePrecision(op_selector=fp16_op_selector()) if fp16 else ct.precision.FLOAT32
     return ct.convert(
         program.run_decompositions(),
         minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
+        compute_precision=precision,
         outputs=outputs,
         skip_model_load=True,  # Linux cannot load Core ML models; macOS loads the saved package when it is used
     )
@@ -250,8 +302,6 @@ def export_coreml(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str |
 
 
 # --- encoders ------------------------------------------------------------------------------------------------------
-
-aten = torch.ops.aten
 
 
 def gather_without_bools(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate from a bundle on a backend, or from token ids with the PyTorch model")
     p.add_argument("prompt", nargs="?", help="prompt text (wrapped in the Gemma chat template)")
     p.add_argument("--bundle", type=Path, help="a bundle folder written by g3n bundle (e.g. out/android)")
-    p.add_argument("--backend", default="torch", help="torch, litert, litertlm, executorch or coreml")
+    p.add_argument("--backend", default="torch", help="torch, litert, litertlm, executorch, coreml (macOS) or "
+                   "coreml-mil (an ios bundle's MIL programs run op by op: Core ML's numerics anywhere, not its speed)")
     _add_model_source(p)
     p.add_argument("--image", type=Path, action="append", default=[],
                    help="an image file for the prompt (repeatable; images come first in the user turn, in order)")

@@ -86,8 +86,8 @@ def _default_bundles(path: Path, jobs: int = JOBS) -> Path:
 def _multimodal_bundles(path: Path, jobs: int = JOBS) -> Path:
     from models.default import default_gemma3n
 
-    return build_bundles(default_gemma3n(), path, ["android", "executorch"], cache_len=512, prefill_lengths=(64,),
-                         image_sizes=(256,), jobs=jobs, log=path.with_name(path.name + ".log"))
+    return build_bundles(default_gemma3n(), path, ["android", "executorch", "ios"], cache_len=512,
+                         prefill_lengths=(64,), image_sizes=(256,), jobs=jobs, log=path.with_name(path.name + ".log"))
 
 
 SHARED_BUNDLES = {"default-bundles": _default_bundles, "multimodal-bundles": _multimodal_bundles}
@@ -161,8 +161,8 @@ def default_bundles(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def multimodal_bundles(tmp_path_factory):
-    """Float bundles of the embedded default whole model (text decoder, vision and audio encoders) for android and
-    executorch, at 256 px with a 512-position cache (an image and an audio window fit), built once (minutes)."""
+    """Float bundles of the embedded default whole model (text decoder, vision and audio encoders) for android,
+    executorch and ios, at 256 px with a 512-position cache (an image and an audio window fit), built once (minutes)."""
     return shared_build(tmp_path_factory, "multimodal-bundles", _multimodal_bundles)
 
 

@@ -19,8 +19,9 @@ from runtime_py.cli import main
 from runtime_py.engine import open_bundle
 
 PROMPT = "Write a short story about a robot."
-# The backends that run here (Core ML needs macOS: the ios bundle is compared on torch alone).
-RUNNABLE = {target: [b for b in backends if b != "coreml"] for target, backends in TARGET_BACKENDS.items()}
+# The float32 backends that run here. Core ML needs macOS, and coreml-mil computes in fp16, so its tokens equal
+# torch's only where no near tie is at stake (tests/test_coreml_mil.py holds it to that).
+RUNNABLE = {target: [b for b in backends if not b.startswith("coreml")] for target, backends in TARGET_BACKENDS.items()}
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Core ML export: one multifunction .mlpackage (prefill_<T>, decode) over a KV-cache state, float and quantized.
 
 Linux has no Core ML runtime, so here the package is checked through its spec and its MIL program (functions,
-inputs, outputs, states, op counts) and its weight file; the numerics against eager PyTorch run where coremltools
-can predict (macOS 15+) and skip elsewhere.
+inputs, outputs, states, op counts) and its weight file, and its numerics against eager PyTorch by the coreml-mil
+executor (runtime_py.executors.mil: the saved MIL program run op by op); Core ML itself runs them on macOS 15+.
 """
 
 import copy
@@ -188,13 +188,17 @@ def test_export_coreml_writes_only_the_package_and_leaves_the_model_as_it_was(mo
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
 
 
-@pytest.mark.skipif(
-    not coreml_can_predict(),
-    reason="Core ML predictions need macOS 15+ with coremltools' native runtime; on "
-    f"{sys.platform} coremltools cannot load, predict or create state (the package is checked through its spec)",
-)
-def test_coreml_prefill_and_decode_match_eager_pytorch(model, float_package):
-    import coremltools as ct
+@pytest.mark.parametrize("backend", [
+    pytest.param("coreml", marks=pytest.mark.skipif(
+        not coreml_can_predict(), reason="Core ML predictions need macOS 15+ with coremltools' native runtime; on "
+        f"{sys.platform} coremltools cannot load, predict or create state (coreml-mil runs the same package)")),
+    "coreml-mil",
+])
+def test_coreml_prefill_and_decode_match_eager_pytorch(model, float_package, backend):
+    """The package's functions over one cache state, run by Core ML (macOS) or by the coreml-mil executor (the saved
+    MIL program, anywhere)."""
+    from runtime_py.executors.coreml_executor import function_loader
+
 
     cfg = model.config
     ids = prompt_ids(cfg.vocab_size)
@@ -208,8 +212,8 @@ def test_coreml_prefill_and_decode_match_eager_pytorch(model, float_package):
     )
     tolerance = 4 * fp16_error
 
-    prefill = ct.models.MLModel(str(float_package), function_name=f"prefill_{PROMPT_LEN}")
-    decode = ct.models.MLModel(str(float_package), function_name="decode")
+    load = function_loader(backend)
+    prefill, decode = load(float_package, f"prefill_{PROMPT_LEN}"), load(float_package, "decode")
     state = prefill.make_state()  # one cache state, shared by both functions
 
     def run(fn, token_ids, start):

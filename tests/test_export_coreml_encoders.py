@@ -4,7 +4,7 @@ the weights) and audio_encoder.mlpackage, fp16 and int8 per channel, of the defa
 Linux has no Core ML runtime, so here the packages are checked through their specs and MIL programs (functions,
 inputs, outputs, op counts, the int8 weights themselves) and their weight files; what fp16 and int8 cost is simulated
 in eager PyTorch (exporters.coreml.simulate_encoder_errors), and the packages' own numerics against the float
-PyTorch encoders run where coremltools can predict (macOS) and skip elsewhere.
+PyTorch encoders run through the coreml-mil executor (the saved MIL programs), and through Core ML on macOS.
 """
 
 import copy
@@ -263,12 +263,13 @@ def test_coreml_encoders_say_they_need_macos(float_dir):
         encoders.image(np.zeros((1, 3, 256, 256), np.float32))
 
 
-@pytest.mark.skipif(
-    not coreml_can_predict(),
-    reason="Core ML predictions need macOS with coremltools' native runtime; on "
-    f"{sys.platform} coremltools cannot load or predict (the packages are checked through their specs)",
-)
-def test_coreml_encoders_match_the_float_pytorch_encoders(whole, float_dir, int8_dir):
+@pytest.mark.parametrize("backend", [
+    pytest.param("coreml", marks=pytest.mark.skipif(
+        not coreml_can_predict(), reason="Core ML predictions need macOS with coremltools' native runtime; on "
+        f"{sys.platform} coremltools cannot load or predict (coreml-mil runs the same packages)")),
+    "coreml-mil",
+])
+def test_coreml_encoders_match_the_float_pytorch_encoders(whole, float_dir, int8_dir, backend):
     golden = golden_media(whole, (256,))
     reference = TorchEncoders(whole)
     simulated = simulate_encoder_errors(whole, (256,), audio=True, simulations=("fp16", "int8-weights+fp16"))
@@ -276,7 +277,7 @@ def test_coreml_encoders_match_the_float_pytorch_encoders(whole, float_dir, int8
               "audio": (golden["audio_features"].numpy(), golden["audio_padding_mask"].numpy())}
     for bundle, spec, simulation, min_cosine in ((float_dir, SPEC, "fp16", 0.9999),
                                                  (int8_dir, INT8_SPEC, "int8-weights+fp16", 0.99)):
-        encoders = CoreMLEncoders(bundle, *listed(spec))
+        encoders = CoreMLEncoders(bundle, *listed(spec), backend)
         for case, run, expected in (("vision_256", encoders.image, reference.image),
                                     ("audio", encoders.audio, reference.audio)):
             actual, want = run(*inputs[case]), expected(*inputs[case])
@@ -286,3 +287,34 @@ def test_coreml_encoders_match_the_float_pytorch_encoders(whole, float_dir, int8
             # Core ML's fp16 kernels order their sums differently from PyTorch's: a margin of 4 over the simulation.
             assert error <= 4 * simulated[case][simulation]["max_abs"], (bundle.name, case, error)
             assert cosine >= min_cosine, (bundle.name, case, cosine)
+
+
+def measure(out, sizes: tuple[int, ...] = (768, 256)) -> None:
+    """Prints max abs error and cosine of the saved packages, run by the coreml-mil executor, against the float
+    torch encoders on golden_media(), per size, float (fp16) and int8 per channel."""
+    from pathlib import Path
+
+    from models.default import default_gemma3n
+
+    whole, out = default_gemma3n(), Path(out)
+    golden = {k: v.numpy() for k, v in golden_media(whole, sizes).items()}
+    spec = replace(SPEC, image_sizes=sizes)
+    functions = convert_encoder_packages(whole, spec)
+    for scheme, scheme_spec in (("fp16", spec), ("int8-per-channel", replace(spec, encoder_quant="int8-per-channel"))):
+        folder = write_encoder_packages(functions, scheme_spec, out / scheme)
+        encoders = CoreMLEncoders(folder, *listed(scheme_spec), "coreml-mil")
+        cases = [(f"vision {s:3d}px", encoders.image, (golden[f"pixel_values_{s}"],), golden[f"image_embeddings_{s}"])
+                 for s in sizes]
+        cases.append(("audio       ", encoders.audio, (golden["audio_features"], golden["audio_padding_mask"]),
+                      golden["audio_embeddings"]))
+        for name, run, inputs, expected in cases:
+            actual = run(*inputs)
+            cosine = float((actual * expected).sum() / np.linalg.norm(actual) / np.linalg.norm(expected))
+            print(f"{scheme:17s} {name}  max abs {np.abs(actual - expected).max():.3g}  cosine {cosine:.7f}")
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(sys.argv[1] if len(sys.argv) > 1 else tmp)

@@ -95,7 +95,7 @@ DEFAULT_STEPS = 16
 ENCODER_COMPONENTS = {"vision": "vision_encoder", "audio": "audio_encoder"}  # manifest name -> component
 NOT_IN_BUNDLE = "not in bundle"
 # Backends that run a bundle's encoders themselves (litertlm: Google's engine returns text; see the docstring).
-ENCODER_BACKENDS = ("litert", "executorch", "coreml")
+ENCODER_BACKENDS = ("litert", "executorch", "coreml", "coreml-mil")
 # Backends whose graphs have a debug export (runtime_py.compare.debug_export); litertlm runs the litert graphs.
 DEBUGGABLE = ("litert", "litertlm", "executorch")
 
@@ -146,7 +146,8 @@ class Comparison:
 
 def skip_reason(backend: str) -> str:
     if backend == "coreml" and sys.platform != "darwin":
-        return "skipped: needs macOS (coremltools cannot run Core ML models on Linux)"
+        return ("skipped: needs macOS (coremltools cannot run Core ML models on Linux; the coreml-mil row runs the same "
+                "packages)")
     return ""
 
 
@@ -172,10 +173,10 @@ def plan_builds(targets: list[str], levels: list[str]) -> tuple[list[tuple[str, 
     builds, skipped = [], []
     for level in levels:
         for target in targets:
-            reason = skip_reason(TARGET_BACKENDS[target][0])
-            if reason:
+            reasons = [skip_reason(backend) for backend in TARGET_BACKENDS[target]]
+            if all(reasons):  # a bundle is built where one of its backends runs (run_comparison skips the others)
                 skipped += [Row(backend, level, QUANT_LEVELS[level][TARGETS[target]], status="skipped", reason=reason)
-                            for backend in TARGET_BACKENDS[target]]
+                            for backend, reason in zip(TARGET_BACKENDS[target], reasons)]
             else:
                 builds.append((level, target))
     return builds, skipped

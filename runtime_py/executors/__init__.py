@@ -3,8 +3,6 @@ verified bundle's typed manifest (contract.bundle.BundleManifest)."""
 
 from __future__ import annotations
 
-import sys
-
 from contract.bundle import (
     BACKENDS,
     LITERTLM_FILE,
@@ -16,11 +14,9 @@ from models.errors import InputError
 
 __all__ = ["BACKENDS", "load_executor", "load_encoders"]
 
-NEEDS_MACOS = "the coreml backend needs macOS: coremltools cannot run Core ML models on Linux"
-
-
 def load_executor(backend: str, manifest: BundleManifest, threads: int = 2, compute_units: str | None = None):
-    """(executor, per_layer_rows lookup) for a verified bundle. compute_units: Core ML's (coreml only)."""
+    """(executor, per_layer_rows lookup) for a verified bundle. compute_units: Core ML's (coreml only; coreml-mil
+    runs the packages' MIL programs instead, on any platform)."""
     bundle, cache_len, prefill_lengths = manifest.folder, manifest.cache_len, manifest.prefill_lengths
     if backend == "litert":
         from runtime_py.executors.litert_executor import LiteRtExecutor
@@ -32,13 +28,11 @@ def load_executor(backend: str, manifest: BundleManifest, threads: int = 2, comp
 
         executor = ExecuTorchExecutor(bundle / PTE_FILE, manifest.ptd, cache_len, prefill_lengths)
         return executor, executor.per_layer_rows
-    if backend == "coreml":
-        if sys.platform != "darwin":
-            raise InputError(NEEDS_MACOS)
+    if backend in ("coreml", "coreml-mil"):
         from contract.ple import PleTable
         from runtime_py.executors.coreml_executor import CoreMLExecutor
 
-        executor = CoreMLExecutor(bundle, cache_len, prefill_lengths, compute_units)
+        executor = CoreMLExecutor(bundle, cache_len, prefill_lengths, compute_units, backend)
         return executor, PleTable(bundle / PLE_ASSET_FILE).rows
     raise InputError(f"--backend {backend}: not an executor backend")
 
@@ -56,10 +50,8 @@ def load_encoders(backend: str, manifest: BundleManifest, threads: int = 2):
         from runtime_py.executors.executorch_executor import ExecuTorchEncoders
 
         return ExecuTorchEncoders(manifest.file(PTE_FILE), manifest.ptd, manifest.components, manifest.image_sizes)
-    if backend == "coreml":
-        if sys.platform != "darwin":
-            raise InputError(NEEDS_MACOS)
+    if backend in ("coreml", "coreml-mil"):
         from runtime_py.executors.coreml_executor import CoreMLEncoders
 
-        return CoreMLEncoders(manifest.folder, manifest.components, manifest.image_sizes)
+        return CoreMLEncoders(manifest.folder, manifest.components, manifest.image_sizes, backend)
     raise InputError(f"--backend {backend}: runs no encoders")

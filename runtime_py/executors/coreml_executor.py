@@ -1,7 +1,12 @@
-"""The coreml backend (macOS only): the bundle's multifunction .mlpackage, prefill_<T> and decode sharing one KV-cache
-state; token embeddings from embeddings.safetensors and PLE rows from per_layer_embeddings.safetensors, as an iOS app
-reads them; CoreMLEncoders runs the encoder packages beside it. Never exercised on Linux, where coremltools cannot
-predict."""
+"""The coreml backends: the bundle's multifunction .mlpackage, prefill_<T> and decode sharing one KV-cache state; token
+embeddings from embeddings.safetensors and PLE rows from per_layer_embeddings.safetensors, as an iOS app reads them;
+CoreMLEncoders runs the encoder packages beside it.
+
+Two ways to run a package's functions, behind one interface (predict with a state, make_state):
+  coreml      Core ML itself, through coremltools (macOS only: coremltools cannot predict elsewhere);
+  coreml-mil  the saved MIL program executed op by op in torch (runtime_py.executors.mil): the same package, on any
+              platform, numerics only (fp16 storage between ops as Core ML's GPU path computes; no Core ML timing).
+"""
 
 from __future__ import annotations
 
@@ -36,18 +41,40 @@ def coreml_can_predict() -> bool:
     return True
 
 
+MIL_BACKEND = "coreml-mil"
+
+
+def function_loader(backend: str, compute_units: str | None = None):
+    """(package, function name) -> a runnable function (predict(inputs, state=), make_state()) for `backend`: a
+    coremltools MLModel (coreml), or a MilFunction of the package's program, loaded once per package (coreml-mil).
+    compute_units: a coremltools ComputeUnit name (CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL; None: ALL), coreml only."""
+    if backend == MIL_BACKEND:
+        from runtime_py.executors.mil import MilPackage
+
+        packages = {}
+
+        def load_mil(package: Path, function: str):
+            if package not in packages:
+                packages[package] = MilPackage(package)
+            return packages[package].function(function)
+
+        return load_mil
+    if sys.platform != "darwin":
+        raise InputError(f"the coreml backend needs macOS (coremltools cannot run Core ML models on {sys.platform}); "
+                         f"--backend {MIL_BACKEND} runs the same packages' MIL programs here")
+    import coremltools as ct
+
+    units = getattr(ct.ComputeUnit, compute_units or "ALL")
+    return lambda package, function: ct.models.MLModel(str(package), function_name=function, compute_units=units)
+
+
 class CoreMLExecutor:
-    name = "coreml"
-
     def __init__(self, bundle: Path, cache_len: int, prefill_lengths: tuple[int, ...],
-                 compute_units: str | None = None):
-        """compute_units: a coremltools ComputeUnit name (CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL); None: ALL."""
-        import coremltools as ct
-
-        package = str(Path(bundle) / COREML_PACKAGE)
-        units = getattr(ct.ComputeUnit, compute_units or "ALL")
-        self.functions = {name: ct.models.MLModel(package, function_name=name, compute_units=units)
-                          for name in [prefill_name(t) for t in prefill_lengths] + [DECODE]}
+                 compute_units: str | None = None, backend: str = "coreml"):
+        """backend: coreml or coreml-mil (function_loader)."""
+        load = function_loader(backend, compute_units)
+        self.name, package = backend, Path(bundle) / COREML_PACKAGE
+        self.functions = {name: load(package, name) for name in [prefill_name(t) for t in prefill_lengths] + [DECODE]}
         self.table = load_file(str(Path(bundle) / EMBEDDINGS_FILE))["weight"]
         self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
         self.reset()
@@ -76,13 +103,14 @@ class CoreMLEncoders:
     image size, and audio_encoder.mlpackage. The interface of runtime_py.executors.base.EncoderRunner.
 
     The bundle is checked on construction (packages and functions, read from their specs: that works anywhere); a
-    function is loaded on its first use, since loading compiles the package, and running needs macOS. Core ML picks
-    its own threads and compute units (ALL)."""
+    function is loaded on its first use, since loading compiles the package (and running Core ML needs macOS). Core
+    ML picks its own threads and compute units (ALL)."""
 
-    name = "coreml"
-
-    def __init__(self, bundle: Path, components: tuple[str, ...], image_sizes: tuple[int, ...]):
-        """components, image_sizes: what the bundle lists; each must be a package function."""
+    def __init__(self, bundle: Path, components: tuple[str, ...], image_sizes: tuple[int, ...],
+                 backend: str = "coreml"):
+        """components, image_sizes: what the bundle lists; each must be a package function. backend: coreml or
+        coreml-mil (function_loader)."""
+        self.name, self.backend = backend, backend
         self.has_vision, self.has_audio = "vision" in components, "audio" in components
         self.image_sizes = tuple(image_sizes) if self.has_vision else ()
         self.vision_package, self.audio_package = Path(bundle) / VISION_PACKAGE, Path(bundle) / AUDIO_PACKAGE
@@ -92,16 +120,13 @@ class CoreMLEncoders:
             check_functions(self.vision_package, list(self.vision_functions.values()))
         if self.has_audio:
             check_functions(self.audio_package, [self.audio_function])
-        self.loaded = {}
+        self.loaded, self.loader = {}, None
 
     def run(self, package: Path, function: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
         if (package, function) not in self.loaded:
-            if sys.platform != "darwin":
-                raise InputError(f"{package}: the coreml backend needs macOS (coremltools cannot run Core ML models "
-                                 f"on {sys.platform})")
-            import coremltools as ct
-
-            self.loaded[package, function] = ct.models.MLModel(str(package), function_name=function)
+            if self.loader is None:
+                self.loader = function_loader(self.backend)
+            self.loaded[package, function] = self.loader(package, function)
         return np.asarray(self.loaded[package, function].predict(inputs)[output], dtype=np.float32)
 
     def image(self, pixel_values: np.ndarray) -> np.ndarray:

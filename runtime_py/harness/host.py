@@ -34,7 +34,11 @@ RUNTIMES = {  # backend -> (runtime name, the distribution whose version it repo
     "litertlm": ("Google LiteRT-LM engine (litert_lm)", "litert-lm-api"),
     "executorch": ("g3n reference runtime: ExecuTorch runtime (XNNPACK)", "executorch"),
     "coreml": ("g3n reference runtime: coremltools predict", "coremltools"),
+    "coreml-mil": ("g3n coreml-mil executor: the package's MIL program op by op in PyTorch (numerics only)",
+                   "coremltools"),
 }
+MIL_NOTE = ("numerics only: the saved MIL program run op by op in PyTorch on the CPU (runtime_py.executors.mil); its "
+            "timings are this executor's, not Core ML's")
 WORKER_TIMEOUT_S = 1800
 ENGINE_ENCODERS = ("Google's LiteRT-LM engine runs its encoders inside generation only; the litert row times the same "
                    ".litertlm sections")
@@ -338,6 +342,9 @@ def ops_per_unit(bundle: Path, manifest: dict, backend: str, threads: int, compu
         from runtime_py.harness.apple import compute_plan_placement
 
         return compute_plan_placement(bundle, manifest, compute_units)
+    if backend == "coreml-mil":
+        return {"used": "cpu: eager PyTorch, one MIL op at a time", "fully_accelerated": None,
+                "ops_per_unit": {"cpu (aten)": "all"}, "note": MIL_NOTE}
     return {"used": None, "fully_accelerated": None, "ops_per_unit": {}}
 
 
