@@ -241,6 +241,16 @@ def _hann_window() -> np.ndarray:
     return (0.5 * (1 - np.cos(2 * np.pi * n / FRAME_LENGTH))).astype(np.float32)
 
 
+def padded_length(num_samples: int) -> int:
+    """The samples log-mel framing reads: at least one frame, rounded up to PAD_TO_MULTIPLE_OF (zeros)."""
+    return -(-max(num_samples, FRAME_LENGTH + 1) // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+
+
+def num_frames(num_samples: int) -> int:
+    """Mel frames of a clip of `num_samples` on its own (what transformers extracts for it alone)."""
+    return (padded_length(num_samples) - FRAME_LENGTH - 1) // HOP_LENGTH + 1
+
+
 def log_mel_features(waveform: np.ndarray, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """16 kHz mono waveform [N] -> (log-mel features [frames, 128] float32, valid mask [frames] bool).
 
@@ -252,8 +262,7 @@ def log_mel_features(waveform: np.ndarray, pad_to: int | None = None) -> tuple[n
     if waveform.ndim != 1 or waveform.shape[0] == 0:
         raise InputError(f"audio: expected a non-empty mono waveform [N], got shape {list(waveform.shape)}")
     n = waveform.shape[0]
-    target = max(n, pad_to or 0, FRAME_LENGTH + 1)
-    target = -(-target // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+    target = padded_length(max(n, pad_to or 0))
     if pad_to is not None and n > pad_to:
         raise InputError(f"audio: {n} samples do not fit pad_to={pad_to}")
     # transformers computes in float32 (it casts float64 input down when padding); numpy >= 2 keeps rfft in float32.
@@ -306,6 +315,7 @@ class SubSampleConvBlock(nn.Module):
         (k_t, k_f), stride = cfg.sscp_conv_kernel_size[idx], cfg.sscp_conv_stride_size[idx]
         self.padding = (1, 1, 0, k_t - 1)
         self.conv = nn.Conv2d(in_channels, out_channels, (k_t, k_f), stride=tuple(stride), bias=False)
+        self.time_stride = stride[0]
         self.out_freq = (in_freq + 2 - k_f) // stride[1] + 1
         self.norm = CumulativeGroupNorm(out_channels, cfg.sscp_conv_group_norm_eps)
 
@@ -326,8 +336,16 @@ class SubSampleConvProjection(nn.Module):
         stem_width = cfg.sscp_conv_channel_size[1] * self.conv_1.out_freq
         self.input_proj_linear = nn.Linear(stem_width, cfg.hidden_size, bias=False)
 
-    def forward(self, features: Tensor) -> Tensor:
-        x = self.conv_1(self.conv_0(features.unsqueeze(1)))  # [B, C, T', F']
+    def forward(self, features: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """padding_mask [B, T] (True = padded frame): each block's input is zeroed at padded frames, so past the end
+        of a clip the convolutions see what they see past the end of an unpadded clip (their zero padding): a clip
+        gives the same tokens alone, padded into a 30 s window, or beside a longer clip in a batch."""
+        x = features.unsqueeze(1)
+        for block in (self.conv_0, self.conv_1):
+            if padding_mask is not None:
+                x = x * (~padding_mask)[:, None, :, None].to(x.dtype)
+                padding_mask = padding_mask[:, :: block.time_stride]  # a frame is padding when its first input is
+            x = block(x)  # [B, C, T', F']
         B, C, T, Fd = x.shape
         return self.input_proj_linear(x.permute(0, 2, 3, 1).reshape(B, T, Fd * C))
 
@@ -522,7 +540,7 @@ class AudioEncoder(nn.Module):
         self.conformer = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.conf_num_hidden_layers))
 
     def forward(self, features: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.subsample_conv_projection(features)
+        x = self.subsample_conv_projection(features, padding_mask)
         T_in, T = padding_mask.shape[1], x.shape[1]
         # A subsampled frame is padding when the first mel frame of its receptive field is.
         index = torch.clamp(torch.arange(T, device=x.device) * self.cfg.time_stride, max=T_in - 1)

@@ -26,6 +26,7 @@ from models.audio import (
     AUDIO_WINDOW_SAMPLES,
     SAMPLE_RATE,
     log_mel_features,
+    num_frames,
 )
 from models.multimodal import Gemma3n
 from models.vision import preprocess_images
@@ -123,8 +124,12 @@ def audio_sample_inputs() -> tuple[Tensor, Tensor]:
 def audio_window_inputs(window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One window of at most 30 s (16 kHz mono) -> the exported encoder's inputs: features [1, 2997, 128] float32 and
     padding_mask [1, 2997] float32 (1.0 = padded frame)."""
-    features, valid = log_mel_features(window, pad_to=AUDIO_WINDOW_SAMPLES)
-    return features[None], (~valid).astype(np.float32)[None]
+    features, _ = log_mel_features(window, pad_to=AUDIO_WINDOW_SAMPLES)
+    # Only the frames the clip has on its own are valid: the window's next few frames start inside the clip but read
+    # its zero padding (transformers marks them valid in a padded batch), and the clip alone has none of them. With
+    # the encoder zeroing padded frames, the clip then gets exactly its unpadded tokens.
+    padded = np.arange(features.shape[0]) >= num_frames(len(window))
+    return features[None], padded.astype(np.float32)[None]
 
 
 def media_token_embeddings(model: Gemma3n) -> dict[str, Tensor]:

@@ -25,7 +25,9 @@ from models.audio import (
     load_audio,
     log_mel_features,
     num_audio_tokens,
+    num_frames,
 )
+from models.encoders import audio_window_inputs
 from models.errors import InputError
 from models.hf_reference import TEST_AUDIO
 from models.random_init import randomise_
@@ -105,18 +107,48 @@ def test_state_dict_keys_are_transformers_keys(encoders):
 
 
 @torch.no_grad()
-def test_encoder_matches_transformers_on_a_padded_batch(encoders):
+def test_each_clip_of_a_padded_batch_gives_what_transformers_gives_for_it_alone(encoders):
+    """A batch pads the shorter clip with frames of its zero tail. transformers marks those that start inside the clip
+    valid and lets its conv stem read the padding's log-mel floor, so its batch gives that clip other last tokens
+    than the clip alone. With each clip's own frames marked valid (num_frames), ours gives every clip its tokens
+    alone: the encoder zeroes padded frames before each conv block, as the unpadded clip's zero padding reads."""
     hf, ours = encoders
-    clips = [tone_and_noise(2.0, seed=1), tone_and_noise(1.3, freq=900.0, seed=2)]
-    batch = transformers.Gemma3nAudioFeatureExtractor()(clips, return_tensors="pt")
-    features, padding = batch["input_features"], ~batch["input_features_mask"]
-    ref = hf(features, padding)
-    got, got_mask = ours(features, padding)
-    err, scale = relative_error(ref.last_hidden_state, got)
-    assert got.shape == ref.last_hidden_state.shape
-    assert err <= 1e-4 * scale
-    assert torch.equal(got_mask, ref.audio_mel_mask)
+    clips = [tone_and_noise(2.0, seed=1), tone_and_noise(1.0, freq=900.0, seed=2)]
+    extractor = transformers.Gemma3nAudioFeatureExtractor()
+    batch = extractor(clips, return_tensors="pt")
+    features = batch["input_features"]
+    own_frames = torch.stack([torch.arange(features.shape[1]) >= num_frames(len(clip)) for clip in clips])
+    got, got_mask = ours(features, own_frames)
+    hf_batch = hf(features, ~batch["input_features_mask"]).last_hidden_state
     assert got_mask[1].any() and not got_mask[0].any()  # the shorter clip's tail is padding, and masked
+    for i, clip in enumerate(clips):
+        alone = extractor([clip], return_tensors="pt")
+        ref = hf(alone["input_features"], ~alone["input_features_mask"]).last_hidden_state[0]
+        n = ref.shape[0]
+        err, scale = relative_error(ref, got[i, :n])
+        assert err <= 1e-4 * scale and not got[i, n:].any()  # past the clip: padded tokens, zero
+        if i == 1:  # transformers' own batch: the padding changed the shorter clip's last token
+            assert (hf_batch[i, n - 1] - ref[n - 1]).abs().max() > 1e-3 * scale
+
+
+@pytest.mark.parametrize("seconds, rate", [(0.5, SAMPLE_RATE), (1.0, SAMPLE_RATE), (2.0, SAMPLE_RATE),
+                                           (4.3, 22050), (9.99, SAMPLE_RATE), (12.8, 44100)])
+@torch.no_grad()
+def test_a_clip_padded_into_a_30s_window_gives_its_unpadded_tokens(encoders, seconds, rate, tmp_path):
+    """What the exported encoders take (one 30 s window, the clip's frames then padding) against transformers on
+    the clip alone (its own frames only), at several lengths and file sample rates: every valid token equal."""
+    hf, ours = encoders
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, tone_and_noise(seconds, rate=rate), rate, subtype="PCM_16")
+    clip = load_audio(path)
+    alone = transformers.Gemma3nAudioFeatureExtractor()([clip], return_tensors="pt")
+    ref = hf(alone["input_features"], ~alone["input_features_mask"]).last_hidden_state[0]
+    features, padding = audio_window_inputs(clip)
+    got, mask = ours(torch.from_numpy(features), torch.from_numpy(padding) > 0.5)
+    n = ref.shape[0]
+    assert int((~mask[0]).sum()) == n and not got[0, n:].any()
+    err, scale = relative_error(ref, got[0, :n])
+    assert err <= 1e-4 * scale
 
 
 @torch.no_grad()

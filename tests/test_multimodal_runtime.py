@@ -239,3 +239,26 @@ def test_text_only_bundle_refuses_media(default_bundles, target, backend, capsys
     line = _cli_error(capsys, "generate", "--bundle", default_bundles / target, "--backend", backend,
                       "--image", SAMPLE_IMAGE, PROMPT, runtime_logs=backend == "executorch")
     assert "no image or audio encoders" in line
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("target, backend", [("android", "litert"), ("executorch", "executorch"),
+                                             ("ios", "coreml-mil")])
+def test_every_backend_encodes_a_clip_of_any_length_as_the_clip_alone(multimodal_bundles, model, target, backend):
+    """The exported encoders take one 30 s window; a shorter clip padded into it must give the embeddings the float
+    model gives for the clip alone (its own frames only; tests/test_audio.py holds that model to transformers)."""
+    from models.audio import log_mel_features
+    from models.encoders import AudioEmbedder
+
+    encoders = open_bundle(multimodal_bundles / target, backend).encoders
+    embedder = AudioEmbedder(model).eval()
+    for seconds in (0.5, 2.0, 4.3, 9.99):
+        clip = golden_audio()[: int(seconds * SAMPLE_RATE)] if seconds <= 2.5 else \
+            np.resize(golden_audio(), int(seconds * SAMPLE_RATE))
+        features, valid = log_mel_features(clip)
+        with torch.no_grad():
+            expected = embedder(torch.from_numpy(features)[None], torch.from_numpy(~valid)[None].float())[0].numpy()
+        got = encoders.audio(*audio_window_inputs(clip))[0]
+        # float32 backends to float32 rounding; coreml-mil computes in fp16 (0.0054 on the golden clip)
+        limit = 0.02 if backend == "coreml-mil" else 1e-4 * np.abs(expected).max()
+        assert np.abs(got - expected).max() <= limit, (backend, seconds, np.abs(got - expected).max(-1))
