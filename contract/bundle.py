@@ -46,6 +46,7 @@ PLE_PTD_TAG = "per_layer_embeddings"  # executorch: the .ptd holding the PLE tab
 PTD_FILE = f"{PLE_PTD_TAG}.ptd"
 COREML_PACKAGE = "model.mlpackage"  # ios: the decoder
 VISION_PACKAGE, AUDIO_PACKAGE = "vision_encoder.mlpackage", "audio_encoder.mlpackage"
+COREML_WEIGHTS_DIR = "Data/com.apple.CoreML/weights"  # inside each .mlpackage: weight.bin of all its functions
 PLE_ASSET_FILE = "per_layer_embeddings.safetensors"  # ios: read by the app (format: contract.ple)
 EMBEDDINGS_FILE = "embeddings.safetensors"  # ios: the token-embedding table, scaled by sqrt(hidden)
 

@@ -49,7 +49,7 @@ from coremltools.converters.mil.frontend.torch.torch_op_registry import (
 from torch import Tensor, nn
 
 from contract.bundle import AUDIO_ENCODER as AUDIO_FUNCTION
-from contract.bundle import AUDIO_PACKAGE, DECODE, VISION_PACKAGE
+from contract.bundle import AUDIO_PACKAGE, COREML_WEIGHTS_DIR, DECODE, VISION_PACKAGE
 from contract.bundle import COREML_PACKAGE as PACKAGE_NAME
 from contract.bundle import prefill_name as prefill_function_name
 from contract.bundle import vision_encoder_name as vision_function_name
@@ -69,7 +69,7 @@ from models.text import KVCache, TextDecoder
 # projection to a matmul). Other large constants are activations folded at conversion (the audio adapter's padding
 # row broadcast to [1, 188, H]): rounded per tensor they would cost every padded position accuracy for a few kB.
 ENCODER_WEIGHT_OPS = ("conv", "linear", "matmul")
-WEIGHTS_DIR = Path("Data", "com.apple.CoreML", "weights")
+WEIGHTS_DIR = Path(COREML_WEIGHTS_DIR)
 # Only weights of more than this many elements are compressed; the rest (norm scales, AltUp coefficients, small
 # projections) stay fp16, since compressing them saves almost nothing. coremltools' own default.
 MIN_QUANTIZED_ELEMENTS = 2048

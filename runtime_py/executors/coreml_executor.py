@@ -110,7 +110,7 @@ class CoreMLEncoders:
                  backend: str = "coreml"):
         """components, image_sizes: what the bundle lists; each must be a package function. backend: coreml or
         coreml-mil (function_loader)."""
-        self.name, self.backend = backend, backend
+        self.name = backend
         self.has_vision, self.has_audio = "vision" in components, "audio" in components
         self.image_sizes = tuple(image_sizes) if self.has_vision else ()
         self.vision_package, self.audio_package = Path(bundle) / VISION_PACKAGE, Path(bundle) / AUDIO_PACKAGE
@@ -125,7 +125,7 @@ class CoreMLEncoders:
     def run(self, package: Path, function: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
         if (package, function) not in self.loaded:
             if self.loader is None:
-                self.loader = function_loader(self.backend)
+                self.loader = function_loader(self.name)
             self.loaded[package, function] = self.loader(package, function)
         return np.asarray(self.loaded[package, function].predict(inputs)[output], dtype=np.float32)
 

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from contract.bundle import COREML_WEIGHTS_DIR
 from models.errors import InputError
 from runtime_py.executors.base import native_output_to_log
 
-WEIGHTS_DIR = Path("Data", "com.apple.CoreML", "weights")
 PRECISIONS = ("fp16", "fp32")
 
 
@@ -50,7 +50,7 @@ def load_program(package: str | Path):
         from coremltools.converters.mil.frontend.milproto.load import load
 
         spec = ct.utils.load_spec(str(package))
-        return load(spec, spec.specificationVersion, str(package / WEIGHTS_DIR))
+        return load(spec, spec.specificationVersion, str(package / COREML_WEIGHTS_DIR))
 
 
 def dtype_name(var) -> str:
@@ -194,6 +194,13 @@ def reduce(fn):
         axes = axes_of(a.get("axes"), x.dim()) or list(range(x.dim()))
         return fn(x, dim=axes, keepdim=flag(a.get("keep_dims")))
     return op
+
+
+def prod(x, dim, keepdim):
+    """torch.prod over several axes (it takes one)."""
+    for axis in sorted(dim, reverse=True):
+        x = x.prod(axis, keepdim=keepdim)
+    return x
 
 
 def gather(a):
@@ -371,7 +378,7 @@ OPS = {
     "gelu": gelu,
     "softmax": lambda a: torch.softmax(a["x"], dim=int(a["axis"]) if a.get("axis") is not None else -1),
     "reduce_mean": reduce(torch.mean), "reduce_sum": reduce(torch.sum), "reduce_max": reduce(torch.amax),
-    "reduce_min": reduce(torch.amin), "reduce_prod": reduce(lambda x, dim, keepdim: _prod(x, dim, keepdim)),
+    "reduce_min": reduce(torch.amin), "reduce_prod": reduce(prod),
     "select": lambda a: torch.where(a["cond"].bool(), a["a"], a["b"]),
     "shape": lambda a: torch.tensor(a["x"].shape, dtype=torch.int64),
     "cast": cast,
@@ -394,12 +401,6 @@ OPS = {
 CONSTEXPR_OPS = ("const", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense", "constexpr_affine_dequantize",
                  "constexpr_cast", "constexpr_sparse_to_dense")
 STATE_OPS = ("read_state", "coreml_update_state")
-
-
-def _prod(x, dim, keepdim):
-    for axis in sorted(dim, reverse=True):
-        x = x.prod(axis, keepdim=keepdim)
-    return x
 
 
 def covered_ops() -> list[str]:
