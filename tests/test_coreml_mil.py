@@ -13,28 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporters.coreml import convert_program
+from exporters.coreml import compress, convert_program
+from exporters.spec import ExportSpec
 from runtime_py.executors.coreml_executor import coreml_can_predict
 from runtime_py.executors.mil import MilOpError, MilPackage, covered_ops
 
 
-def convert(module: nn.Module, args: tuple, path, precision: str = "fp32", compress: str = ""):
-    """module -> a saved .mlpackage, converted as the exporters convert (exporters.coreml.convert_program), at path;
-    its function "main", run at `precision`."""
-    import coremltools.optimize.coreml as cto
-
+def convert(module: nn.Module, args: tuple, path, precision: str = "fp32", quant: str = "none"):
+    """module -> a saved .mlpackage, converted and compressed as the exporters do (exporters.coreml.convert_program
+    and compress, `quant` one of the coreml export schemes), at path; its function "main", run at `precision`."""
     with torch.no_grad():
         program = torch.export.export(module.eval(), args)
-    mlmodel = convert_program(program, fp16=precision == "fp16")
-    if compress == "int8":
-        mlmodel = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0)))
-    elif compress == "int4":
-        mlmodel = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=16, weight_threshold=0)))
-    elif compress == "palettize":
-        mlmodel = cto.palettize_weights(mlmodel, cto.OptimizationConfig(cto.OpPalettizerConfig(
-            mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=4, weight_threshold=0)))
+    mlmodel = compress({"main": convert_program(program, fp16=precision == "fp16")},
+                       ExportSpec("coreml", quant=quant, block_size=32))["main"]
     mlmodel.save(str(path))
     return MilPackage(path, precision).function("main")
 
@@ -147,24 +138,24 @@ def test_states_carry_across_calls_and_functions_of_a_package(tmp_path):
     assert np.abs(state["cache"].numpy() - model.cache.numpy()).max() <= 1e-6
 
 
-@pytest.mark.parametrize("scheme, op, max_error", [("int8", "constexpr_blockwise_shift_scale", 0.02),
-                                                   ("int4", "constexpr_blockwise_shift_scale", 0.3),
-                                                   ("palettize", "constexpr_lut_to_dense", 0.3)])
+@pytest.mark.parametrize("scheme, op, max_error", [("int8-per-channel", "constexpr_blockwise_shift_scale", 0.02),
+                                                   ("int4-per-block", "constexpr_blockwise_shift_scale", 0.3),
+                                                   ("palettize-4bit", "constexpr_lut_to_dense", 0.3)])
 def test_compressed_weights_are_dequantized_as_coremltools_defines_them(scheme, op, max_error, tmp_path):
     """The dequantized weights must equal what the package holds (the quantization grid of each scheme), and the
     layer's output what PyTorch computes from those weights."""
     torch.manual_seed(0)
-    layer, x = nn.Linear(64, 32), torch.randn(3, 64)
+    layer, x = nn.Linear(128, 32), torch.randn(3, 128)  # 4,096 weights: past the exporters' 2,048 threshold
     function = convert(layer, (x,), tmp_path / f"{scheme}.mlpackage", "fp32", scheme)
     assert op in {o.op_type for o in function.program_function.operations}
     linear = next(args for op_type, _, args, _, _ in function.steps if op_type == "linear")
     weight = function.constants[linear["weight"]]
     error = (weight - layer.weight.detach()).abs().max().item()
     assert 0 < error <= max_error * layer.weight.abs().max().item()
-    # A real quantization grid, not the float weights: int8 per output channel, int4 per block of 16 inputs, a
-    # 16-entry table per group of 4 output channels.
-    groups, levels = {"int8": (weight, 255), "int4": (weight.reshape(-1, 16), 16),
-                      "palettize": (weight.reshape(8, -1), 16)}[scheme]
+    # A real quantization grid, not the float weights: int8 per output channel, int4 per block of 32 inputs, a
+    # 16-entry table per group of 16 output channels.
+    groups, levels = {"int8-per-channel": (weight, 255), "int4-per-block": (weight.reshape(-1, 32), 16),
+                      "palettize-4bit": (weight.reshape(2, -1), 16)}[scheme]
     assert max(len(torch.unique(group)) for group in groups) <= levels
     with torch.no_grad():
         expected = F.linear(x, weight, layer.bias).numpy()
