@@ -38,14 +38,16 @@ pins:
 	$(MAKE) test
 
 # The main job on the embedded default model (tiny Gemma 3n with its vision and audio encoders, deterministic random
-# weights: the text means nothing, but every backend prints the same text). The last two lines prompt with an image
-# and an audio clip (models/assets/make_media.py), on ExecuTorch and on the float PyTorch reference.
+# weights: the text means nothing, but every backend prints the same text). The last three lines prompt with an image
+# and an audio clip (models/assets/make_media.py): on ExecuTorch, on ExecuTorch's stock LLM runner (what its demo
+# apps run) and on the float PyTorch reference.
 run: install
 	rm -rf out/default
 	$(BIN)/g3n bundle --out out/default
 	$(BIN)/g3n generate --bundle out/default/android --backend litertlm "Write a short story about a robot."
 	$(BIN)/g3n generate --bundle out/default/executorch --backend executorch "Write a short story about a robot."
 	$(BIN)/g3n generate --bundle out/default/executorch --backend executorch --image models/assets/sample.png --audio models/assets/sample.wav "Describe this."
+	$(BIN)/g3n generate --bundle out/default/executorch --backend executorch-runner --image models/assets/sample.png --audio models/assets/sample.wav "Describe this."
 	$(BIN)/g3n generate --bundle out/default/executorch --backend torch --image models/assets/sample.png --audio models/assets/sample.wav "Describe this."
 
 test: install

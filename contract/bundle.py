@@ -30,8 +30,10 @@ TARGET_RUNTIMES = {"android": "litert", "ios": "coreml", "executorch": "executor
 # The backends of runtime_py that run each target's bundle (torch runs any bundle's ../reference).
 # coreml-mil runs an ios bundle's MIL programs op by op (runtime_py.executors.mil): Core ML's numerics off macOS.
 TARGET_BACKENDS = {"android": ("litert", "litertlm"), "executorch": ("executorch",), "ios": ("coreml", "coreml-mil")}
-BACKENDS = ("torch", "litert", "litertlm", "executorch", "coreml", "coreml-mil")
-BACKEND_TARGETS = {"torch": None} | {b: t for t, backends in TARGET_BACKENDS.items() for b in backends}
+# executorch-runner: ExecuTorch's stock LLM runner, which gives text only (no logits for g3n compare and the harness).
+BACKENDS = ("torch", "litert", "litertlm", "executorch", "executorch-runner", "coreml", "coreml-mil")
+BACKEND_TARGETS = ({"torch": None, "executorch-runner": "executorch"}
+                   | {b: t for t, backends in TARGET_BACKENDS.items() for b in backends})
 
 # --- files -----------------------------------------------------------------------------------------------------
 
@@ -53,8 +55,11 @@ EMBEDDINGS_FILE = "embeddings.safetensors"  # ios: the token-embedding table, sc
 # --- graphs: ExecuTorch methods, LiteRT signatures and sections, Core ML functions ------------------------------
 
 DECODE = "decode"
-TOKEN_EMBEDDING, PER_LAYER_EMBEDDING = "token_embedding", "per_layer_embedding"  # ExecuTorch methods
-VISION_ENCODER, AUDIO_ENCODER = "vision_encoder", "audio_encoder"  # the LLM runner's method names
+# ExecuTorch's LLM runner contract (extension/llm/runner/constants.h): its method names, which our .pte follows.
+TOKEN_EMBEDDING, TEXT_DECODER = "token_embedding", "text_decoder"
+VISION_ENCODER, AUDIO_ENCODER = "vision_encoder", "audio_encoder"
+# Our constant methods beside the runner's: how text_decoder's input splits ([1, T, H + L*P]).
+HIDDEN_SIZE, PER_LAYER_SHAPE = "get_hidden_size", "get_per_layer_shape"
 # LiteRT-LM's section (model) types in a .litertlm.
 PREFILL_DECODE_SECTION, EMBEDDER_SECTION, PER_LAYER_EMBEDDER_SECTION = "prefill_decode", "embedder", "per_layer_embedder"
 ENCODER_SECTIONS = ("vision_encoder", "vision_adapter", "audio_encoder_hw", "audio_adapter", "end_of_audio")

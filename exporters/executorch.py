@@ -1,39 +1,39 @@
-"""ExecuTorch target: one XNNPACK `.pte` and the PLE table in a memory-mapped `.ptd`.
+"""ExecuTorch target: one XNNPACK `.pte` and the PLE table in a memory-mapped `.ptd`, laid out as ExecuTorch's LLM
+runner contract (extension/llm/runner: constants.h, multimodal_prefiller.cpp), so that the stock `MultimodalRunner`
+(the runner of ExecuTorch's phone demo apps) generates from it unchanged, and our own executorch backend calls the
+same methods. With D = H + L x P (the hidden size, then the L layers' per-layer rows of width P, side by side):
 
-Methods of `model.pte` (T: every length of spec.prefill_lengths, U: 1..max(prefill_lengths)):
+  token_embedding(token_ids [1,U] int64)          -> embeddings [1,U,D]     U: 1..cache_len
+  text_decoder(embeddings [1,U,D], input_pos [U]) -> logits [1,1,V]         decode (U = 1), and the runner's prefill
+  prefill_<T>(embeddings [1,T,D], input_pos [T])  -> logits [1,1,V]         T: each of spec.prefill_lengths
 
-  token_embedding(token_ids [1,U] int64)        -> inputs_embeds [1,U,H]     (the LLM runner's name for it)
-  per_layer_embedding(token_ids [1,U] int64)    -> per_layer_rows [1,U,L,P]  (reads the table in the .ptd)
-  prefill_<T>(inputs_embeds [1,T,H], per_layer_rows [1,T,L,P], input_pos [T] int64) -> logits [1,1,V]
-  decode(inputs_embeds [1,1,H], per_layer_rows [1,1,L,P], input_pos [1] int64)       -> logits [1,1,V]
+token_embedding reads the PLE table, the one constant written to `per_layer_embeddings.ptd` (memory-mapped at run
+time), and gives a whole model's media ids the embedders' rows. text_decoder takes any number of tokens (the runner
+prefills each text, image or audio span in one call); the fixed-length prefill_<T> are the same graph at one shape,
+which XNNPACK runs with fewer delegate boundaries (our runtime's prefill). They all write one KV cache, the model's
+mutable buffers, shared between the methods by memory planning. Constant methods: those the runner reads
+(get_max_seq_len, get_max_context_len, get_bos_id, get_eos_ids, get_vocab_size, use_kv_cache, use_sdpa_with_kv_cache,
+enable_dynamic_shape), get_prefill_lengths, and how the embeddings split: get_hidden_size (H), get_per_layer_shape
+([L, P]).
 
-plus the constant methods that ExecuTorch's LLM runner reads (extension/llm/runner/constants.h): get_max_seq_len,
-get_max_context_len, get_bos_id, get_eos_ids, get_vocab_size, use_kv_cache, use_sdpa_with_kv_cache,
-enable_dynamic_shape, and get_prefill_lengths for our own runtime.
+A whole Gemma3n model adds its encoders (models.encoders, each the encoder and its adapter as one graph), whose
+outputs carry the per-layer rows of their soft token (the row of id 0, as transformers maps ids beyond the PLE
+vocabulary), so that text_decoder takes them as they come:
 
-Prefill and decode write one KV cache, the model's mutable buffers, shared between the methods by memory planning.
-The decoder graphs take the per-layer rows as an input, so the PLE table is a constant of `per_layer_embedding`
-alone, and that one constant is written to `per_layer_embeddings.ptd`, which the runtime memory-maps.
-The runner's own decoder loop (`forward(tokens, pos)`) cannot drive Gemma 3n, whose decoder needs the per-layer rows
-as a second input; an app calls the embedders, then prefill_<T> / decode.
-
-A whole Gemma3n model adds its encoders (models.encoders, each the encoder and its adapter as one graph), named as
-the MultimodalRunner names them (vision_encoder, audio_encoder):
-
-  vision_encoder_<S>(pixel_values [1,3,S,S] f32 in [0,1]) -> image_embeddings [1,256,H]   for each S of image_sizes
+  vision_encoder_<S>(pixel_values [1,3,S,S] f32 in [0,1]) -> [1,256,D]   for each S of image_sizes
   vision_encoder(pixel_values [1,3,S0,S0])                 -> the same, at the first (default) size S0
-  audio_encoder(features [1,2997,128] f32, padding_mask [1,2997] f32 (1.0 = padded)) -> audio_embeddings [1,188,H]
+  audio_encoder(audio [1,129,2997] f32)                    -> [1,188,D]
   get_image_sizes                                          -> image_sizes (a constant, the default first)
 
+The runner hands its audio encoder one [batch, bins, frames] tensor: the 128 log-mel bins of one 30 s window, then
+the padding mask (1.0 = padded frame) as row 128 (models.encoders.runner_audio_input).
 The sizes' graphs read one copy of the vision weights: XNNPACK files constants by the hash of their bytes.
-The runner hands its audio encoder one tensor; Gemma 3n's also takes the padding mask, which the runner lacks.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,10 +44,11 @@ from torch import Tensor, nn
 
 from contract.bundle import (
     AUDIO_ENCODER,
-    DECODE,
-    PER_LAYER_EMBEDDING,
+    HIDDEN_SIZE,
+    PER_LAYER_SHAPE,
     PLE_PTD_TAG,
     PTE_FILE,
+    TEXT_DECODER,
     TOKEN_EMBEDDING,
     VISION_ENCODER,
     prefill_name,
@@ -59,6 +60,8 @@ from models.encoders import (
     AudioEmbedder,
     VisionEmbedder,
     audio_sample_inputs,
+    media_token_embeddings,
+    runner_audio_input,
     vision_sample_inputs,
 )
 from models.errors import InputError
@@ -165,26 +168,63 @@ def clip_altup_coefs_(decoder: TextDecoder) -> None:
 
 
 class DecoderStep(nn.Module):
-    """forward_embeddings over the mutable-buffer KV cache: prefill (T > 1) or decode (T = 1)."""
+    """forward_embeddings over the mutable-buffer KV cache, on token_embedding's output: embeddings [1, T, H + L*P]
+    (the embedding, then the per-layer rows) and positions [T]."""
 
     def __init__(self, decoder: LinearHeadDecoder, last_position_only: bool):
         super().__init__()
         self.decoder, self.last_position_only = decoder, last_position_only
 
-    def forward(self, inputs_embeds: Tensor, per_layer_rows: Tensor, input_pos: Tensor) -> Tensor:
-        return self.decoder.forward_embeddings(inputs_embeds, per_layer_rows, input_pos, self.last_position_only)
+    def forward(self, embeddings: Tensor, input_pos: Tensor) -> Tensor:
+        cfg = self.decoder.config
+        H, rows = cfg.hidden_size, (cfg.num_layers, cfg.hidden_size_per_layer_input)
+        return self.decoder.forward_embeddings(embeddings[..., :H], embeddings[..., H:].unflatten(-1, rows), input_pos,
+                                               self.last_position_only)
 
 
 class TokenEmbedder(nn.Module):
-    """token ids [1, T] -> inputs_embeds [1, T, H], as TextDecoder.embed."""
+    """token ids [1, T] -> [1, T, H + L*P]: TextDecoder.embed and the per-layer rows side by side, the one tensor the
+    LLM runner passes from token_embedding to text_decoder. A whole model's media ids (the embedders' own
+    vocabularies: <end_of_image>, ...) take the embedders' rows (`media`: models.encoders.media_token_embeddings), as
+    Gemma3n.embed_prompt embeds them."""
 
-    def __init__(self, model: TextDecoder):
+    def __init__(self, model: TextDecoder, per_layer: "PerLayerEmbedder", media: dict[str, Tensor] | None):
         super().__init__()
-        self.embed_tokens = model.embed_tokens
+        self.embed_tokens, self.per_layer = model.embed_tokens, per_layer
         self.scale = in_dtype(model.embed_scale, model.embed_tokens.weight.dtype)
+        dtype = model.embed_tokens.weight.dtype
+        self.media = [] if media is None else [(int(media[f"{name}_first_id"][0]), f"{name}_media_rows")
+                                               for name in ("vision", "audio")]
+        for first, buffer in self.media:
+            self.register_buffer(buffer, media[buffer.replace("_media", "")].to(dtype))
 
     def forward(self, token_ids: Tensor) -> Tensor:
-        return self.embed_tokens(token_ids) * self.scale
+        embeds = self.embed_tokens(token_ids) * self.scale
+        for first, buffer in self.media:
+            table = getattr(self, buffer)
+            owned = (token_ids >= first) & (token_ids < first + table.shape[0])
+            rows = F.embedding(torch.where(owned, token_ids - first, 0), table)
+            embeds = torch.where(owned[..., None], rows, embeds)
+        return torch.cat([embeds, self.per_layer(token_ids).flatten(-2).to(embeds.dtype)], dim=-1)
+
+
+class SoftTokenRows(nn.Module):
+    """An embedder (VisionEmbedder or AudioEmbedder: [1, N, H]) with the per-layer rows of its soft token beside each
+    output position ([1, N, H + L*P]), as text_decoder takes them. The rows are one constant [1, N, L*P]: a broadcast
+    would be expanded into N copies on the way to XNNPACK. The audio embedder takes the runner's one tensor
+    (models.encoders.runner_audio_input)."""
+
+    def __init__(self, embedder: nn.Module, row: Tensor, positions: int, audio: bool):
+        super().__init__()
+        self.embedder, self.audio = embedder, audio
+        self.register_buffer("soft_token_rows", row.reshape(1, 1, -1).repeat(1, positions, 1).contiguous())
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if self.audio:  # [1, 128 + 1, F]: the log-mel bins, then the padding mask
+            out = self.embedder(inputs[:, :-1].transpose(1, 2), inputs[:, -1])
+        else:
+            out = self.embedder(inputs)
+        return torch.cat([out, self.soft_token_rows.to(out.dtype)], dim=-1)
 
 
 class PerLayerEmbedder(nn.Module):
@@ -361,47 +401,60 @@ def encoder_program(embedder: nn.Module, args: tuple, recipe: str) -> torch.expo
 
 
 def decoder_programs(model: TextDecoder, spec: ExportSpec) -> dict[str, torch.export.ExportedProgram]:
-    """prefill_<T> for each prefill length and decode, over one decoder (one set of cache buffers, one set of
-    weights that the lowering stores once)."""
+    """prefill_<T> for each prefill length and text_decoder (any length up to the cache), over one decoder (one set
+    of cache buffers, one set of weights that the lowering stores once)."""
     cfg = model.config
     decoder = export_decoder(model, spec.cache_len)
     quantize_decoder_(decoder, spec)
-    H, L, P, dtype = cfg.hidden_size, cfg.num_layers, cfg.hidden_size_per_layer_input, model.embed_tokens.weight.dtype
+    width, dtype = cfg.hidden_size + cfg.num_layers * cfg.hidden_size_per_layer_input, model.embed_tokens.weight.dtype
 
-    def export(T: int, last_position_only: bool) -> torch.export.ExportedProgram:
-        args = torch.zeros(1, T, H, dtype=dtype), torch.zeros(1, T, L, P, dtype=dtype), torch.arange(T)
-        ep = torch.export.export(DecoderStep(decoder, last_position_only), args, strict=False)
+    def export(T: int, dynamic: bool) -> torch.export.ExportedProgram:
+        args = torch.zeros(1, T, width, dtype=dtype), torch.arange(T)
+        tokens = torch.export.Dim("tokens", min=1, max=spec.cache_len) if dynamic else None
+        shapes = ({1: tokens}, {0: tokens}) if dynamic else None
+        ep = torch.export.export(DecoderStep(decoder, spec.kv_shared_prefill), args, dynamic_shapes=shapes,
+                                 strict=False)
         return ep.run_decompositions({torch.ops.aten.gelu.default: gelu_tanh})
 
     with torch.no_grad():
-        programs = {prefill_name(T): export(T, spec.kv_shared_prefill) for T in spec.prefill_lengths}
-        programs[DECODE] = export(1, True)
+        programs = {prefill_name(T): export(T, False) for T in spec.prefill_lengths}
+        # Traced at 2 tokens (torch.export specialises a sample size of 1); a one-slot cache gets a fixed shape.
+        programs[TEXT_DECODER] = export(min(2, spec.cache_len), spec.cache_len > 1)
     return programs
 
 
-def embedder_programs(model: TextDecoder, spec: ExportSpec) -> dict[str, torch.export.ExportedProgram]:
-    """The two table lookups, for 1 to max(prefill_lengths) tokens."""
-    longest = max(spec.prefill_lengths)
-    ids = torch.zeros(1, longest, dtype=torch.long)
+def embedder_programs(model: TextDecoder, spec: ExportSpec, per_layer: PerLayerEmbedder,
+                      whole: Gemma3n | None) -> dict[str, torch.export.ExportedProgram]:
+    """token_embedding, for 1 to cache_len tokens (the runner embeds a whole prompt span in one call)."""
+    media = media_token_embeddings(whole) if whole is not None else None
+    longest = spec.cache_len
+    ids = torch.zeros(1, min(2, longest), dtype=torch.long)
     dynamic = ({1: torch.export.Dim("tokens", min=1, max=longest)},) if longest > 1 else None
-    embedders = {
-        TOKEN_EMBEDDING: TokenEmbedder(model),
-        PER_LAYER_EMBEDDING: PerLayerEmbedder(model, spec.ple_storage),
-    }
     with torch.no_grad():
-        return {name: torch.export.export(m, (ids,), dynamic_shapes=dynamic) for name, m in embedders.items()}
+        return {TOKEN_EMBEDDING: torch.export.export(TokenEmbedder(model, per_layer, media), (ids,),
+                                                     dynamic_shapes=dynamic)}
 
 
-def encoder_programs(model: Gemma3n, spec: ExportSpec) -> dict[str, torch.export.ExportedProgram]:
-    """vision_encoder_<S> for each image size and audio_encoder, as far as spec.encoders asks for them."""
-    programs = {}
+def encoder_programs(model: Gemma3n, spec: ExportSpec,
+                     per_layer: PerLayerEmbedder | None = None) -> dict[str, torch.export.ExportedProgram]:
+    """vision_encoder_<S> for each image size and audio_encoder, as far as spec.encoders asks for them; per_layer:
+    the PLE lookup whose soft-token rows the outputs carry (default: the model's, stored as spec.ple_storage)."""
+    programs, tokens = {}, model.config.tokens
+    per_layer = per_layer or PerLayerEmbedder(model.language_model, spec.ple_storage)
+
+    def soft_row(token: int) -> Tensor:
+        with torch.no_grad():
+            return per_layer(torch.tensor([[token]])).reshape(-1)
+
     if "vision" in spec.encoders:
-        vision = VisionEmbedder(model).eval()
+        vision = SoftTokenRows(VisionEmbedder(model), soft_row(tokens.image), tokens.image_soft_tokens, False).eval()
         for size in spec.image_sizes:
-            programs[vision_encoder_name(size)] = encoder_program(vision, vision_sample_inputs(size), spec.encoder_recipe)
+            programs[vision_encoder_name(size)] = encoder_program(vision, vision_sample_inputs(size),
+                                                                  spec.encoder_recipe)
     if "audio" in spec.encoders:
-        programs[AUDIO_ENCODER] = encoder_program(AudioEmbedder(model).eval(), audio_sample_inputs(),
-                                                 spec.encoder_recipe)
+        audio = SoftTokenRows(AudioEmbedder(model), soft_row(tokens.audio), tokens.audio_soft_tokens, True).eval()
+        sample = (torch.from_numpy(runner_audio_input(*(t.numpy() for t in audio_sample_inputs()))),)
+        programs[AUDIO_ENCODER] = encoder_program(audio, sample, spec.encoder_recipe)
     return programs
 
 
@@ -418,39 +471,53 @@ def delegate_friendly_views():
     - var over the last dim (activation sparsity's std) -> the two-pass mean of squared deviations, as above;
     - pow(x, 0.5) / pow(x, -0.5) (XNNPACK: pow 2 only) -> sqrt / rsqrt."""
     from executorch.exir.dialects._ops import ops as exir_ops
-    from executorch.exir.pass_base import ExportPass
+    from executorch.exir.pass_base import ExportPass, ProxyValue
 
     aten, clone = exir_ops.edge.aten, exir_ops.edge.dim_order_ops._clone_dim_order.default
 
     class DelegateFriendlyViews(ExportPass):
+        def sizes(self, x, meta) -> list:
+            """x's sizes as view arguments: ints, and -1 for a dynamic dim (text_decoder's tokens; XNNPACK reshapes
+            with one inferred dim, never with a symbolic one)."""
+            return [size if isinstance(size, int) else -1 for size in x.to_tensor().shape]
+
         def mean_last(self, x, keepdim: bool, meta):
             call = super().call_operator
-            shape = list(x.to_tensor().shape)
-            rows = math.prod(shape[:-1])
-            pooled = call(aten.mean.dim, (call(aten.view_copy.default, (x, [1, rows, 1, shape[-1]]), {}, meta),
+            sizes = self.sizes(x, meta)
+            lead = [1] * (3 - len(sizes)) + sizes[:-1]  # [B, T, D] -> [B, T, 1, D]: no product of sizes needed
+            pooled = call(aten.mean.dim, (call(aten.view_copy.default, (x, lead[:2] + [1, sizes[-1]]), {}, meta),
                                           [2, 3], True), {}, meta)
-            return call(aten.view_copy.default, (pooled, shape[:-1] + [1] if keepdim else shape[:-1]), {}, meta)
+            return call(aten.view_copy.default, (pooled, sizes[:-1] + [1] if keepdim else sizes[:-1]), {}, meta)
 
         def call_operator(self, op, args, kwargs, meta):
             call = super().call_operator
             if op == aten.select_copy.int:
                 x, dim, index = args
-                shape = list(x.to_tensor().shape)
-                index %= shape[dim]
-                sliced = call(aten.slice_copy.Tensor, (x, dim, index, index + 1), {}, meta)
-                return call(aten.view_copy.default, (sliced, shape[:dim] + shape[dim + 1 :]), {}, meta)
+                sizes = self.sizes(x, meta)
+                dim %= len(sizes)
+                if isinstance(sizes[dim], int):
+                    index %= sizes[dim]
+                    sliced = call(aten.slice_copy.Tensor, (x, dim, index, index + 1), {}, meta)
+                    return call(aten.view_copy.default, (sliced, sizes[:dim] + sizes[dim + 1 :]), {}, meta)
             if op == aten.expand_copy.default and len(args[1]) == args[0].to_tensor().dim():
                 x = out = args[0]
-                for dim, (size, old) in enumerate(zip(args[1], x.to_tensor().shape)):
-                    if size not in (-1, old):
-                        copies = [out] + [call(clone, (out,), {}, meta) for _ in range(size - 1)]
-                        out = call(aten.cat.default, (copies, dim), {}, meta)
-                return out
+                wanted = [size.data if isinstance(size, ProxyValue) else size for size in args[1]]
+                shape = x.to_tensor().shape
+                if all(isinstance(size, int) or str(size) == str(old) for size, old in zip(wanted, shape)):
+                    for dim, (size, old) in enumerate(zip(wanted, shape)):
+                        if isinstance(size, int) and size not in (-1, old):
+                            copies = [out] + [call(clone, (out,), {}, meta) for _ in range(size - 1)]
+                            out = call(aten.cat.default, (copies, dim), {}, meta)
+                    return out
+            if op == aten.view_copy.default:  # XNNPACK reshapes with one dynamic dim given as -1, not a symbol
+                sizes = [size if isinstance(size, int) else -1 for size in args[1]]
+                if sizes.count(-1) == 1:
+                    return call(op, (args[0], sizes), kwargs, meta)
             if op == aten.unsqueeze_copy.default:
                 x, dim = args
-                shape = list(x.to_tensor().shape)
-                dim %= len(shape) + 1
-                return call(aten.view_copy.default, (x, shape[:dim] + [1] + shape[dim:]), {}, meta)
+                sizes = self.sizes(x, meta)
+                dim %= len(sizes) + 1
+                return call(aten.view_copy.default, (x, sizes[:dim] + [1] + sizes[dim:]), {}, meta)
             if op in (aten.mean.dim, aten.var.correction) and _last_dim_only(args, kwargs):
                 x, rank = args[0], args[0].to_tensor().dim()
                 keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 else False))
@@ -481,12 +548,15 @@ def runner_metadata(model: TextDecoder, spec: ExportSpec) -> dict:
         "get_max_seq_len": spec.cache_len,
         "get_max_context_len": spec.cache_len,
         "get_bos_id": cfg.bos_token_id,
-        "get_eos_ids": list(cfg.eos_token_ids),
+        # The runner stops at these: the bundle's stop ids (<end_of_turn> too) where g3n bundle passes them.
+        "get_eos_ids": list(spec.extra.get("stop_ids", cfg.eos_token_ids)),
         "get_vocab_size": cfg.vocab_size,
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": False,
-        "enable_dynamic_shape": False,  # the decoder methods have fixed shapes; only the embedders take 1..max T
+        "enable_dynamic_shape": True,  # token_embedding and text_decoder take 1..cache_len tokens
         "get_prefill_lengths": list(spec.prefill_lengths),
+        HIDDEN_SIZE: cfg.hidden_size,
+        PER_LAYER_SHAPE: [cfg.num_layers, cfg.hidden_size_per_layer_input],
     } | ({"get_image_sizes": list(spec.image_sizes)} if "vision" in spec.encoders else {})
 
 
@@ -605,12 +675,13 @@ def export_executorch(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: s
     decoder, whole = split_model(model, spec)
     console = Console(stderr=True)
     with export_folder(out_dir, spec) as tmp:
-        with console.status(f"exporting {len(spec.prefill_lengths) + 3} decoder methods"):
-            programs = decoder_programs(decoder.eval(), spec) | embedder_programs(decoder, spec)
+        per_layer = PerLayerEmbedder(decoder, spec.ple_storage)
+        with console.status(f"exporting {len(spec.prefill_lengths) + 2} decoder methods"):
+            programs = decoder_programs(decoder.eval(), spec) | embedder_programs(decoder, spec, per_layer, whole)
         aliases = {}
         if spec.encoders:
             with console.status(f"exporting the {' and '.join(spec.encoders)} encoders"):
-                programs |= encoder_programs(whole.eval(), spec)
+                programs |= encoder_programs(whole.eval(), spec, per_layer)
             if "vision" in spec.encoders:
                 aliases[VISION_ENCODER] = vision_encoder_name(spec.image_sizes[0])
         with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):

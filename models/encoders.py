@@ -121,6 +121,13 @@ def audio_sample_inputs() -> tuple[Tensor, Tensor]:
     return torch.zeros(1, AUDIO_WINDOW_FRAMES, 128), torch.zeros(1, AUDIO_WINDOW_FRAMES)
 
 
+def runner_audio_input(features: np.ndarray, padding_mask: np.ndarray) -> np.ndarray:
+    """features [1, F, 128], padding_mask [1, F] -> the one tensor ExecuTorch's LLM runner hands an audio encoder,
+    [batch, bins, frames] = [1, 128 + 1, F]: the log-mel bins, then the padding mask as one more row."""
+    packed = np.concatenate([np.swapaxes(features, 1, 2), padding_mask[:, None]], axis=1)
+    return np.ascontiguousarray(packed, dtype=np.float32)  # concatenate keeps the swapped strides
+
+
 def audio_window_inputs(window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One window of at most 30 s (16 kHz mono) -> the exported encoder's inputs: features [1, 2997, 128] float32 and
     padding_mask [1, 2997] float32 (1.0 = padded frame)."""

@@ -233,11 +233,13 @@ def build_bundles(
         raise InputError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces, more than the model's "
                          f"{decoder.config.vocab_size}")
     components = ("decoder", "vision", "audio") if whole is not None else ("decoder",)
+    stop_ids = stop_ids_for(decoder.config.eos_token_ids, tokenizer)
     # Every spec is checked (sizes, lengths) before minutes of golden vectors and lowering.
     specs = {target: ExportSpec(target=TARGETS[target], cache_len=cache_len, prefill_lengths=tuple(prefill_lengths),
                                 quant=QUANT_LEVELS[quant][TARGETS[target]], components=components,
                                 image_sizes=tuple(image_sizes),
-                                encoder_quant=ENCODER_QUANT_LEVELS[quant][TARGETS[target]] if whole else "none")
+                                encoder_quant=ENCODER_QUANT_LEVELS[quant][TARGETS[target]] if whole else "none",
+                                extra={"stop_ids": stop_ids})
              for target in targets}
     progress("golden vectors and media (the float model)")
     golden, golden_tensors = golden_vectors(whole if whole is not None else decoder, tokenizer)
@@ -271,7 +273,7 @@ def build_bundles(
                     "file": tokenizer.path.name,
                     "vocab_size": tokenizer.vocab_size,
                     "bos_id": cfg.bos_token_id,
-                    "stop_ids": stop_ids_for(cfg.eos_token_ids, tokenizer),
+                    "stop_ids": stop_ids,
                     "chat_template": CHAT_TEMPLATE_FILE,
                 },
                 "golden": golden,

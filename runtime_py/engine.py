@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from contract.bundle import BACKEND_TARGETS, BACKENDS, LITERTLM_FILE, read_bundle
+from contract.bundle import BACKEND_TARGETS, BACKENDS, LITERTLM_FILE, PTE_FILE, read_bundle
 from models.errors import InputError
 from runtime_py.components.stop import stop_ids_for
 from runtime_py.components.tokenizer import DEFAULT_TOKENIZER, Tokenizer
@@ -74,6 +74,13 @@ def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2, comp
         from runtime_py.litertlm_session import LitertLmSession
 
         session = LitertLmSession(manifest.file(LITERTLM_FILE), manifest.cache_len, threads)
+    elif backend == "executorch-runner":
+        from models.multimodal import MediaTokens
+        from runtime_py.executorch_runner_session import ExecuTorchRunnerSession
+
+        tokens = MediaTokens(**manifest.encoders["media_tokens"]) if manifest.encoders else None
+        session = ExecuTorchRunnerSession(manifest.file(PTE_FILE), manifest.ptd, manifest.file(manifest.tokenizer_file),
+                                          manifest.bos_id, manifest.cache_len, tokens, manifest.image_sizes)
     else:
         from runtime_py.executors import load_encoders, load_executor
 

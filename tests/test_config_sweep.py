@@ -3,7 +3,8 @@ every target that runs on Linux (LiteRT and ExecuTorch, float), against our floa
 
 The grid covers, across its rows: 1, 2 and 4 KV heads; query groups of 1 to 4; head dims 16 to 256; sliding windows
 shorter and longer than the prompt; layer patterns of period 3 to 5; 0 to 3 KV-shared layers; PLE widths 8 to 32;
-activation sparsity on and off. The tiny preset hid a LiteRT graph that was wrong for a single KV head (diverging
+activation sparsity on and off; hidden sizes 64 to 128. ExecuTorch's stock LLM runner (MultimodalRunner) also
+generates from each row's .pte, as the app of a user with that model would. The tiny preset hid a LiteRT graph that was wrong for a single KV head (diverging
 from layer 0); this grid is what would have caught it. Marked `long`: `make long` runs it (in .ci/run), `make test`
 leaves it out (minutes of lowering).
 """
@@ -35,11 +36,13 @@ GRID = {
     "gqa-g4-d16-w64-p5": (8, 2, 16, 64, (S, S, S, S, G, S, S), 1, 16, 0),
 }
 
+HIDDEN = {"mqa-g3-d128-w64-p4": 96, "gqa-g2-d32-w6-p5": 128}  # the others: TINY's 64
+
 
 def config(name: str):
     heads, kv_heads, head_dim, window, types, shared, ple, sparse = GRID[name]
     layers = len(types)
-    return replace(TINY, num_layers=layers, layer_types=types, num_heads=heads, num_kv_heads=kv_heads,
+    return replace(TINY, hidden_size=HIDDEN.get(name, TINY.hidden_size), num_layers=layers, layer_types=types, num_heads=heads, num_kv_heads=kv_heads,
                    head_dim=head_dim, sliding_window=window, num_kv_shared_layers=shared,
                    hidden_size_per_layer_input=ple, ffn_widths=(128,) * layers,
                    activation_sparsity=(0.95,) * sparse + (0.0,) * (layers - sparse))
@@ -83,3 +86,30 @@ def test_every_config_matches_the_float_model(case, target):
     # Float graphs fed the float model's per-layer rows: rounding only. The single-KV-head LiteRT bug moved them by ~1.
     assert relative.max() < 1e-3, (name, target, relative.round(4).tolist())
     assert tokens == want_tokens, (name, target)
+    if target == "executorch":
+        assert _stock_runner_text(folder / target, len(want_tokens)) == _text(want_tokens, model), name
+
+
+def _text(tokens: list[int], model) -> str:
+    """What the runner prints for `tokens`: their text, up to and including the first EOS (where it stops)."""
+    from runtime_py.components.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+
+    eos = [i for i, t in enumerate(tokens) if t in model.config.eos_token_ids]
+    return Tokenizer(DEFAULT_TOKENIZER).decode(tokens[: eos[0] + 1] if eos else tokens)
+
+
+def _stock_runner_text(folder, steps: int) -> str:
+    """ExecuTorch's MultimodalRunner on the row's .pte: PROMPT as token ids, greedy."""
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.llm import runner
+
+    from runtime_py.components.tokenizer import DEFAULT_TOKENIZER
+    from runtime_py.executors.base import native_output_to_log, stdout_to_log
+
+    pieces = []
+    with native_output_to_log(), stdout_to_log():
+        stock = runner.MultimodalRunner(str(folder / "model.pte"), str(DEFAULT_TOKENIZER),
+                                        str(folder / "per_layer_embeddings.ptd"))
+        stock.generate([runner.make_token_input(PROMPT)],
+                       runner.GenerationConfig(echo=False, max_new_tokens=steps, temperature=0.0), pieces.append)
+    return "".join(pieces).lstrip(" ")  # the runner's decoder keeps the first piece's leading space; ours drops it

@@ -62,20 +62,23 @@ def _load(pte):
     return Runtime.get().load_program(pte, data_path=pte.parent / PTD_FILE)
 
 
-def _generate(program, prompt, tokens_in):
-    """Prefill, then one decode step per token of `tokens_in` (teacher-forced, so that every step is compared with
-    eager on the same input). Returns the last-position logits of prefill and of each step, [V] each."""
+def _generate(program, prompt, tokens_in, prefill_method=f"prefill_{PROMPT_LEN}"):
+    """Prefill, then one text_decoder step per token of `tokens_in` (teacher-forced, so that every step is compared
+    with eager on the same input), the methods called as ExecuTorch's LLM runner calls them. Returns the
+    last-position logits of prefill and of each step, [V] each."""
     token_embedding = program.load_method("token_embedding")
-    per_layer_embedding = program.load_method("per_layer_embedding")
-    prefill, decode = program.load_method(f"prefill_{PROMPT_LEN}"), program.load_method("decode")
-
-    def inputs(ids):
-        return token_embedding.execute([ids])[0], per_layer_embedding.execute([ids])[0]
-
-    logits = [prefill.execute([*inputs(prompt), torch.arange(PROMPT_LEN)])[0][0, -1]]
-    for pos, token in enumerate(tokens_in, start=PROMPT_LEN):
-        logits.append(decode.execute([*inputs(torch.tensor([[token]])), torch.tensor([pos])])[0][0, -1])
+    prefill, decode = program.load_method(prefill_method), program.load_method("text_decoder")
+    logits = [prefill.execute([token_embedding.execute([prompt])[0], torch.arange(prompt.shape[1])])[0][0, -1]]
+    for pos, token in enumerate(tokens_in, start=prompt.shape[1]):
+        embeddings = token_embedding.execute([torch.tensor([[token]])])[0]
+        logits.append(decode.execute([embeddings, torch.tensor([pos])])[0][0, -1])
     return logits
+
+
+def _per_layer_rows(program, ids):
+    """The per-layer rows [1, T, L, P] that token_embedding puts beside each embedding."""
+    out = program.load_method("token_embedding").execute([ids])[0]
+    return out[..., SMALL.hidden_size:].reshape(*ids.shape, SMALL.num_layers, SMALL.hidden_size_per_layer_input)
 
 
 def _reference(eager):
@@ -94,11 +97,27 @@ def test_float_pte_generates_like_eager(float_export, prompt, eager):
     assert [int(x.argmax()) for x in logits] == tokens
 
 
+@pytest.mark.parametrize("length", [1, 3, PROMPT_LEN])
+def test_text_decoder_prefills_any_length(float_export, prompt, eager, length):
+    """The runner prefills each prompt span with one text_decoder call of its own length: the cache it writes then
+    gives decode eager's logits."""
+    _, pte = float_export
+    reference, tokens = _reference(eager)
+    program = _load(pte)
+    text_decoder, token_embedding = program.load_method("text_decoder"), program.load_method("token_embedding")
+    for start in range(0, PROMPT_LEN, length):
+        span = prompt[:, start : start + length]
+        out = text_decoder.execute([token_embedding.execute([span])[0], torch.arange(start, start + span.shape[1])])
+    assert (out[0][0, -1] - reference[0]).abs().max().item() <= 1e-4
+    steps = [text_decoder.execute([token_embedding.execute([torch.tensor([[t]])])[0], torch.tensor([pos])])[0][0, -1]
+             for pos, t in enumerate(tokens[:2], start=PROMPT_LEN)]
+    assert max((a - b).abs().max().item() for a, b in zip(steps, reference[1:3])) <= 1e-4
+
+
 def test_runner_metadata_methods(float_export):
     spec, pte = float_export
     program = _load(pte)
-    methods = {"token_embedding", "per_layer_embedding", f"prefill_{PROMPT_LEN}", "decode"}
-    assert methods <= program.method_names
+    assert {"token_embedding", "text_decoder", f"prefill_{PROMPT_LEN}"} <= program.method_names
     expected = {
         "get_max_seq_len": [CACHE_LEN],
         "get_max_context_len": [CACHE_LEN],
@@ -106,8 +125,10 @@ def test_runner_metadata_methods(float_export):
         "get_eos_ids": list(SMALL.eos_token_ids),
         "get_vocab_size": [SMALL.vocab_size],
         "use_kv_cache": [True],
-        "enable_dynamic_shape": [False],
+        "enable_dynamic_shape": [True],
         "get_prefill_lengths": [PROMPT_LEN],
+        "get_hidden_size": [SMALL.hidden_size],
+        "get_per_layer_shape": [SMALL.num_layers, SMALL.hidden_size_per_layer_input],
     }
     assert {name: list(program.load_method(name).execute([])) for name in expected} == expected
 
@@ -131,13 +152,21 @@ PORTABLE_OK = {"aten::index_put", "aten::copy_", "aten::scalar_tensor", "aten::l
                "dim_order_ops::_to_dim_order_copy"}
 
 
-@pytest.mark.parametrize("method", [f"prefill_{PROMPT_LEN}", "decode"])
-def test_the_decoder_methods_run_in_few_delegates(float_export, method):
+# text_decoder takes any number of tokens: XNNPACK slices no tensor of dynamic shape, and the expands of the
+# attention's broadcasts keep a symbolic size; the sizes themselves are computed by sym_size and executorch_prim.
+PORTABLE_OK_DYNAMIC = PORTABLE_OK | {"aten::slice_copy", "aten::expand_copy", "aten::sym_size",
+                                     "executorch_prim::mul", "executorch_prim::et_view"}
+
+
+def test_the_decoder_methods_run_in_few_delegates(float_export):
     _, pte = float_export
-    delegates, portable = _portable_ops(pte, method)
+    delegates, portable = _portable_ops(pte, f"prefill_{PROMPT_LEN}")
     assert portable <= PORTABLE_OK, portable - PORTABLE_OK
     # At most one delegate per stretch between two cache writes (K, then V, of each cache-owning layer).
     assert delegates <= 2 * len(SMALL.cache_owning_layers) + 1, delegates
+    delegates, portable = _portable_ops(pte, "text_decoder")
+    assert portable <= PORTABLE_OK_DYNAMIC, portable - PORTABLE_OK_DYNAMIC
+    assert delegates <= 4 * SMALL.num_layers, delegates  # measured 13 (the slices between delegates split them)
 
 
 def test_ple_table_lives_in_the_ptd(model, float_export):
@@ -150,8 +179,7 @@ def test_ple_table_lives_in_the_ptd(model, float_export):
     assert len(table) <= len(ptd_bytes) < len(table) + 4096  # the table and a small header, nothing else
     # Every row comes back through the mapped table, ids beyond the PLE vocabulary reading row 0 as in eager.
     ids = torch.tensor([[0, 1, 100, 319, 320, 383, 5, 7]])
-    rows = _load(pte).load_method("per_layer_embedding").execute([ids])[0]
-    assert torch.equal(rows, model.per_layer_embedding(ids))
+    assert torch.equal(_per_layer_rows(_load(pte), ids), model.per_layer_embedding(ids))
 
 
 def _eager_quantized(model, spec, prompt, tokens_in, ple_asset):
@@ -182,7 +210,7 @@ def test_int8_weight_only_with_int8_ple(model, prompt, eager, float_export, tmp_
     program = _load(pte)
     # The int8 PLE table in the .ptd gives exactly the rows that the safetensors asset (contract.ple) gives.
     ids = torch.tensor([[0, 5, 319, 320, 383, 17, 2, 1]])
-    rows = program.load_method("per_layer_embedding").execute([ids])[0]
+    rows = _per_layer_rows(program, ids)
     asset = PleTable(write_ple_asset(model, tmp_path, "int8"))
     np.testing.assert_allclose(rows[0].numpy(), asset.rows(ids[0].numpy()), rtol=1e-6, atol=1e-6)
     ptd_size = (pte.parent / PTD_FILE).stat().st_size

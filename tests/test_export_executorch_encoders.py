@@ -36,7 +36,7 @@ from exporters.executorch import (
 )
 from exporters.spec import ENCODER_QUANT_SCHEMES, ExportSpec
 from models.default import default_gemma3n, default_model
-from models.encoders import golden_media
+from models.encoders import golden_media, runner_audio_input
 from models.errors import InputError
 from models.generate import prefill_and_decode_embeddings
 from models.random_init import randomise_
@@ -147,8 +147,8 @@ def test_methods_delegates_and_shared_weights(float_bundle, whole):
     assert {PTE_FILE, PTD_FILE} <= {p.name for p in out.iterdir()}
     assert json.loads((out / MANIFEST).read_text())["export_spec"] == json.loads(json.dumps(SPEC.as_dict()))
     program = load_program(pte, out / PTD_FILE)
-    assert {VISION_ENCODER, vision_encoder_name(SIZE), AUDIO_ENCODER, "decode", f"prefill_{PROMPT_LEN}",
-            "token_embedding", "per_layer_embedding", "get_image_sizes"} <= program.method_names
+    assert {VISION_ENCODER, vision_encoder_name(SIZE), AUDIO_ENCODER, "text_decoder", f"prefill_{PROMPT_LEN}",
+            "token_embedding", "get_image_sizes"} <= program.method_names
     assert list(program.load_method("get_image_sizes").execute([])) == [SIZE]
     data = pte.read_bytes()
     counts = plans(data)
@@ -177,9 +177,15 @@ def test_encoders_match_torch(float_bundle, whole, golden):
     audio, audio_ref = encoders.audio(features, mask), reference.audio(features, mask)
     assert audio.shape == (1, 188, whole.config.text.hidden_size)
     assert max_abs(audio, audio_ref) < 2e-5, max_abs(audio, audio_ref)  # measured 2.2e-6
-    # The default method is the same graph as the sized one.
+    # The default method is the same graph as the sized one. Beside each output position it puts the per-layer rows
+    # that token_embedding gives the image soft token (row 0 of the PLE table), which text_decoder reads there.
     default = encoders.program.load_method(VISION_ENCODER).execute([torch.from_numpy(pixels)])[0].numpy()
-    np.testing.assert_array_equal(default, image)
+    H = whole.config.text.hidden_size
+    np.testing.assert_array_equal(default[..., :H], image)
+    ids = torch.tensor([[whole.config.tokens.image, 0]])
+    rows = encoders.program.load_method("token_embedding").execute([ids])[0].numpy()[0, :, H:]
+    np.testing.assert_array_equal(rows[0], rows[1])
+    np.testing.assert_array_equal(default[0, :, H:], np.broadcast_to(rows[0], (256, rows.shape[1])))
     print(f"float vision {SIZE}: max abs {max_abs(image, image_ref):.2e}; audio: {max_abs(audio, audio_ref):.2e}")
 
     with pytest.raises(InputError, match="no vision encoder for 512 px"):
@@ -196,15 +202,23 @@ def test_decoder_shares_its_cache_beside_the_encoders(float_bundle, golden):
     wrote (the encoders have no mutable buffers and plan their own memory), as in eager PyTorch."""
     bundle, _ = float_bundle
     program = load_program(bundle / PTE_FILE, bundle / PTD_FILE)
-    token_embedding, per_layer = program.load_method("token_embedding"), program.load_method("per_layer_embedding")
-    prefill, decode = program.load_method(f"prefill_{PROMPT_LEN}"), program.load_method("decode")
+    token_embedding = program.load_method("token_embedding")
+    prefill, decode = program.load_method(f"prefill_{PROMPT_LEN}"), program.load_method("text_decoder")
     vision = program.load_method(VISION_ENCODER)
 
     decoder = default_model()  # default_gemma3n's decoder has these weights
-    prompt = torch.randint(0, decoder.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    cfg = decoder.config
+    # Text ids only: the whole model's token_embedding gives media ids the embedders' rows.
+    prompt = torch.randint(0, cfg.vocab_size_per_layer_input, (1, PROMPT_LEN),
+                           generator=torch.Generator().manual_seed(1))
+
+    def joined(ids):
+        return token_embedding.execute([ids])[0]
 
     def inputs(ids):
-        return token_embedding.execute([ids])[0], per_layer.execute([ids])[0]
+        out = joined(ids)
+        H = cfg.hidden_size
+        return out[..., :H], out[..., H:].reshape(*ids.shape, cfg.num_layers, cfg.hidden_size_per_layer_input)
 
     # The eager decoder on the program's own lookups (the bundle keeps the PLE table as int8 rows): what is compared
     # is the decoder graphs and their shared cache.
@@ -213,10 +227,10 @@ def test_decoder_shares_its_cache_beside_the_encoders(float_bundle, golden):
                                                                             embed=inputs)
     reference = [prefill_logits[0, -1]] + [s[0] for s in step_logits]
 
-    logits = [prefill.execute([*inputs(prompt), torch.arange(PROMPT_LEN)])[0][0, -1]]
+    logits = [prefill.execute([joined(prompt), torch.arange(PROMPT_LEN)])[0][0, -1]]
     vision.execute([golden[f"pixel_values_{SIZE}"]])
     for pos, token in enumerate(tokens[:STEPS], start=PROMPT_LEN):
-        logits.append(decode.execute([*inputs(torch.tensor([[token]])), torch.tensor([pos])])[0][0, -1])
+        logits.append(decode.execute([joined(torch.tensor([[token]])), torch.tensor([pos])])[0][0, -1])
     errors = [max_abs(a, b) for a, b in zip(logits, reference)]
     assert max(errors) <= 1e-4, errors  # as the decoder-only export (test_export_executorch)
     assert [int(x.argmax()) for x in logits] == tokens
@@ -238,11 +252,13 @@ def test_8da8w_audio_encoder(whole, golden, tmp_path):
     pte = tmp_path / PTE_FILE
     pte.write_bytes(lower(programs, {}).buffer)
     program = load_program(pte, None)
-    features, mask = golden["audio_features"], golden["audio_padding_mask"]
-    audio = program.load_method(AUDIO_ENCODER).execute([features, mask])[0]
+    features, mask = golden["audio_features"].numpy(), golden["audio_padding_mask"].numpy()
+    packed = torch.from_numpy(runner_audio_input(features, mask))
+    H = whole.config.text.hidden_size
+    audio = program.load_method(AUDIO_ENCODER).execute([packed])[0][..., :H]
     audio_ref = golden["audio_embeddings"]
     with torch.no_grad():
-        audio_eager = eager(features, mask)
+        audio_eager = eager(packed)[..., :H]
     print(f"8da8w audio: max abs {max_abs(audio, audio_ref):.3f} cosine {cosine(audio, audio_ref):.5f}; "
           f"eager PT2E reference: {cosine(audio_eager, audio_ref):.5f}; .pte {pte.stat().st_size:,} B")
     # Measured 0.99996.
@@ -274,12 +290,14 @@ def measure(out: Path, sizes: tuple[int, ...] = (768, 256), schemes=tuple(ENCODE
         pte.write_bytes(lower(encoder_programs(model, spec), {}).buffer)
         seconds = time.perf_counter() - t0
         program = load_program(pte, None)
+        H = model.config.text.hidden_size
         for size in sizes:
-            image = program.load_method(vision_encoder_name(size)).execute([media[f"pixel_values_{size}"]])[0]
+            image = program.load_method(vision_encoder_name(size)).execute([media[f"pixel_values_{size}"]])[0][..., :H]
             ref = media[f"image_embeddings_{size}"]
             print(f"{scheme:17s} vision {size:3d}px  max abs {max_abs(image, ref):.3g}  mean abs "
                   f"{(image - ref).abs().mean():.3g}  cosine {cosine(image, ref):.6f}")
-        audio = program.load_method(AUDIO_ENCODER).execute([media["audio_features"], media["audio_padding_mask"]])[0]
+        packed = runner_audio_input(media["audio_features"].numpy(), media["audio_padding_mask"].numpy())
+        audio = program.load_method(AUDIO_ENCODER).execute([torch.from_numpy(packed)])[0][..., :H]
         ref = media["audio_embeddings"]
         print(f"{scheme:17s} audio        max abs {max_abs(audio, ref):.3g}  mean abs {(audio - ref).abs().mean():.3g}  "
               f"cosine {cosine(audio, ref):.6f}")

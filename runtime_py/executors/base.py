@@ -59,6 +59,29 @@ def native_output_to_log():
                 os.close(_saved_stderr)
 
 
+@contextlib.contextmanager
+def stdout_to_log():
+    """File descriptor 1 appended to runtime_log() inside the block, for native code that prints what it also hands
+    back (ExecuTorch's LLM runner prints every generated piece). Not nested; with G3N_DEBUG set, nothing moves."""
+    import sys
+
+    if os.environ.get("G3N_DEBUG"):
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(runtime_log(), "ab") as log:
+            os.dup2(log.fileno(), 1)
+        yield
+    finally:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)  # C stdio's buffered tail goes to the log too, not to the restored terminal
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 class Executor(Protocol):
     name: str
     cache_len: int

@@ -1,6 +1,8 @@
 """The executorch backend: the bundle's .pte (XNNPACK) run by executorch.runtime, the PLE table memory-mapped from
 the .ptd. The KV cache lives inside the program as mutable buffers that the prefill and decode methods share.
-ExecuTorchEncoders runs the same program's encoder methods (exporters.executorch)."""
+It calls the methods of ExecuTorch's LLM runner contract (exporters.executorch), as the stock runner does:
+token_embedding, text_decoder for decode, and the fixed-length prefill_<T> for prompts. ExecuTorchEncoders runs the
+same program's encoder methods."""
 
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ import torch
 
 from contract.bundle import (
     AUDIO_ENCODER,
-    DECODE,
-    PER_LAYER_EMBEDDING,
+    HIDDEN_SIZE,
+    PER_LAYER_SHAPE,
     PREFILL_PREFIX,
+    TEXT_DECODER,
     TOKEN_EMBEDDING,
     prefill_name,
     vision_encoder_name,
 )
+from models.encoders import runner_audio_input
 from models.errors import InputError
 from runtime_py.executors.base import check_image_size, native_output_to_log
 
@@ -41,31 +45,39 @@ class ExecuTorchExecutor:
         program = load_program(pte, ptd)
         with native_output_to_log():  # XNNPACK's first load probes the CPU, loudly
             self.methods = {name: program.load_method(name) for name in program.method_names
-                            if name.startswith((PREFILL_PREFIX, DECODE, TOKEN_EMBEDDING, PER_LAYER_EMBEDDING))}
+                            if name.startswith((PREFILL_PREFIX, TEXT_DECODER, TOKEN_EMBEDDING))}
         self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
+        with native_output_to_log():
+            self.hidden_size = int(program.load_method(HIDDEN_SIZE).execute([])[0])
+            self.rows_shape = tuple(int(n) for n in program.load_method(PER_LAYER_SHAPE).execute([]))
+        self._last: tuple[bytes, np.ndarray] | None = None
 
-    def _ids(self, ids: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
+    def embeddings(self, ids: np.ndarray) -> np.ndarray:
+        """token_embedding's [1, T, H + L*P] for ids, kept for the call that asks for the other half."""
+        key = np.asarray(ids, dtype=np.int64)
+        if self._last is None or self._last[0] != key.tobytes():
+            self._last = key.tobytes(), self.methods[TOKEN_EMBEDDING].execute([torch.from_numpy(key)[None]])[0].numpy()
+        return self._last[1]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.methods[TOKEN_EMBEDDING].execute([self._ids(ids)])[0].numpy()
+        return self.embeddings(ids)[..., : self.hidden_size]
 
     def per_layer_rows(self, ids: np.ndarray) -> np.ndarray:
-        return self.methods[PER_LAYER_EMBEDDING].execute([self._ids(ids)])[0][0].numpy()
+        out = self.embeddings(ids)[0, :, self.hidden_size :]
+        return out.reshape(out.shape[0], *self.rows_shape)
 
     def _run(self, method: str, embeds, rows, start: int) -> np.ndarray:
         T = embeds.shape[1]
-        out = self.methods[method].execute(
-            [torch.from_numpy(np.ascontiguousarray(embeds, np.float32)),
-             torch.from_numpy(np.ascontiguousarray(rows, np.float32)), torch.arange(start, start + T)]
-        )
+        joined = np.concatenate([embeds, np.asarray(rows).reshape(1, T, -1)], axis=-1)
+        out = self.methods[method].execute([torch.from_numpy(np.ascontiguousarray(joined, np.float32)),
+                                            torch.arange(start, start + T)])
         return out[0][0, -1].numpy()
 
     def prefill(self, embeds, rows, start: int) -> np.ndarray:
         return self._run(prefill_name(embeds.shape[1]), embeds, rows, start)
 
     def decode(self, embeds, rows, pos: int) -> np.ndarray:
-        return self._run(DECODE, embeds, rows, pos)
+        return self._run(TEXT_DECODER, embeds, rows, pos)
 
     def reset(self) -> None:
         """Nothing to clear: every position is written before any query reads it, and later slots are masked."""
@@ -91,9 +103,11 @@ class ExecuTorchEncoders:
             raise InputError(f"{self.pte}: the manifest lists encoders the program lacks (no method "
                              f"{', '.join(missing)}; it has {', '.join(sorted(names))})")
         self.image_sizes, self.has_vision, self.has_audio = sizes, bool(sizes), "audio" in components
-        if self.has_audio:  # the one window the method takes, [1, F, 128] and [1, F]
-            meta = self.program.metadata(AUDIO_ENCODER)
-            self.audio_shapes = tuple(tuple(meta.input_tensor_meta(i).sizes()) for i in range(2))
+        if self.has_audio:  # the one window the method takes, [1, 128 + 1, F]: features [1, F, 128] and mask [1, F]
+            bins, frames = tuple(self.program.metadata(AUDIO_ENCODER).input_tensor_meta(0).sizes())[1:]
+            self.audio_shapes = (1, frames, bins - 1), (1, frames)
+        with native_output_to_log():
+            self.hidden_size = int(self.program.load_method(HIDDEN_SIZE).execute([])[0])
         self._methods: dict[str, object] = {}
 
     def _method(self, name: str):
@@ -107,7 +121,7 @@ class ExecuTorchEncoders:
             raise InputError(f"{self.pte}: the bundle has no vision encoder")
         size = check_image_size(pixel_values, self.image_sizes, str(self.pte))
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, np.float32))
-        return self._method(vision_encoder_name(size)).execute([pixels])[0].numpy()
+        return self._method(vision_encoder_name(size)).execute([pixels])[0].numpy()[..., : self.hidden_size]
 
     def audio(self, features: np.ndarray, padding_mask: np.ndarray) -> np.ndarray:
         if not self.has_audio:
@@ -116,6 +130,6 @@ class ExecuTorchEncoders:
             expected = " and ".join(str(list(shape)) for shape in self.audio_shapes)
             raise InputError(f"audio features {list(features.shape)} and padding mask {list(padding_mask.shape)}: "
                              f"expected {expected} (one 30 s window)")
-        inputs = [torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in (features, padding_mask)]
-        return self._method(AUDIO_ENCODER).execute(inputs)[0].numpy()
+        packed = torch.from_numpy(runner_audio_input(features, padding_mask))
+        return self._method(AUDIO_ENCODER).execute([packed])[0].numpy()[..., : self.hidden_size]
 

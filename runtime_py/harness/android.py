@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from contract.bundle import (
-    DECODE,
     LITERTLM_FILE,
     PREFILL_DECODE_SECTION,
     PTE_FILE,
+    TEXT_DECODER,
     BundleManifest,
     prefill_name,
 )
@@ -284,16 +284,15 @@ def _prepare_litert(job: AndroidJob, ids: list[int], T: int) -> dict:
 
 
 def _prepare_executorch(job: AndroidJob, ids: list[int], T: int) -> dict:
-    """Raw input files per method, in the method's input order (embeddings, per-layer rows, positions)."""
+    """Raw input files per method, in the method's input order (token_embedding's output, positions)."""
     from runtime_py.engine import open_bundle
 
     executor = open_bundle(job.bundle, "executorch").executor
     methods = {}
-    for method, chunk, start in ((prefill_name(T), ids, 0), (DECODE, ids[-1:], T)):
+    for method, chunk, start in ((prefill_name(T), ids, 0), (TEXT_DECODER, ids[-1:], T)):
         arr = np.asarray(chunk, np.int64)
-        tensors = [executor.embed(arr).astype(np.float32), executor.per_layer_rows(arr)[None].astype(np.float32),
-                   np.arange(start, start + len(chunk), dtype=np.int64)]
-        names = [f"{method}_{k}.bin" for k in ("embeddings", "per_layer_rows", "input_pos")]
+        tensors = [executor.embeddings(arr).astype(np.float32), np.arange(start, start + len(chunk), dtype=np.int64)]
+        names = [f"{method}_{k}.bin" for k in ("embeddings", "input_pos")]
         for name, tensor in zip(names, tensors):
             (job.work / name).write_bytes(np.ascontiguousarray(tensor).tobytes())
         methods[method] = names
@@ -505,7 +504,7 @@ def results_from(job: AndroidJob, prepared: dict, outputs: dict[str, str]) -> li
         logs = {m: parsers.parse_executor_runner_log(outputs[f"executor_runner:{m}"]) for m in methods}
         timed = {m: log["iteration_ms"][job.warmup:] or log["iteration_ms"] for m, log in logs.items()}
         prefill_method = prepared["prefill_signature"]
-        decode_ms, prefill_ms = timed.get("decode", []), timed.get(prefill_method, [])
+        decode_ms, prefill_ms = timed.get(TEXT_DECODER, []), timed.get(prefill_method, [])
         logits_file = job.work / f"{prefill_method}-0.bin"
         numeric = None
         if logits_file.is_file():
