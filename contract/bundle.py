@@ -20,7 +20,7 @@ from models.audio import AUDIO_WINDOW_FRAMES, AUDIO_WINDOW_SAMPLES
 from models.errors import InputError
 from models.fileio import read_json_object
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the executorch .pte follows ExecuTorch's LLM runner contract (token_embedding, text_decoder)
 MANIFEST = "manifest.json"
 SIGNATURE_FILE = "bundle.sig"  # beside manifest.json (contract.signing): the one file the manifest cannot list
 

@@ -147,8 +147,8 @@ def test_methods_delegates_and_shared_weights(float_bundle, whole):
     assert {PTE_FILE, PTD_FILE} <= {p.name for p in out.iterdir()}
     assert json.loads((out / MANIFEST).read_text())["export_spec"] == json.loads(json.dumps(SPEC.as_dict()))
     program = load_program(pte, out / PTD_FILE)
-    assert {VISION_ENCODER, vision_encoder_name(SIZE), AUDIO_ENCODER, "text_decoder", f"prefill_{PROMPT_LEN}",
-            "token_embedding", "get_image_sizes"} <= program.method_names
+    assert {VISION_ENCODER, vision_encoder_name(SIZE), AUDIO_ENCODER, "text_decoder", "token_embedding",
+            "get_image_sizes"} <= program.method_names
     assert list(program.load_method("get_image_sizes").execute([])) == [SIZE]
     data = pte.read_bytes()
     counts = plans(data)
@@ -203,7 +203,7 @@ def test_decoder_shares_its_cache_beside_the_encoders(float_bundle, golden):
     bundle, _ = float_bundle
     program = load_program(bundle / PTE_FILE, bundle / PTD_FILE)
     token_embedding = program.load_method("token_embedding")
-    prefill, decode = program.load_method(f"prefill_{PROMPT_LEN}"), program.load_method("text_decoder")
+    text_decoder = program.load_method("text_decoder")
     vision = program.load_method(VISION_ENCODER)
 
     decoder = default_model()  # default_gemma3n's decoder has these weights
@@ -227,10 +227,10 @@ def test_decoder_shares_its_cache_beside_the_encoders(float_bundle, golden):
                                                                             embed=inputs)
     reference = [prefill_logits[0, -1]] + [s[0] for s in step_logits]
 
-    logits = [prefill.execute([joined(prompt), torch.arange(PROMPT_LEN)])[0][0, -1]]
+    logits = [text_decoder.execute([joined(prompt), torch.arange(PROMPT_LEN)])[0][0, -1]]
     vision.execute([golden[f"pixel_values_{SIZE}"]])
     for pos, token in enumerate(tokens[:STEPS], start=PROMPT_LEN):
-        logits.append(decode.execute([joined(torch.tensor([[token]])), torch.tensor([pos])])[0][0, -1])
+        logits.append(text_decoder.execute([joined(torch.tensor([[token]])), torch.tensor([pos])])[0][0, -1])
     errors = [max_abs(a, b) for a, b in zip(logits, reference)]
     assert max(errors) <= 1e-4, errors  # as the decoder-only export (test_export_executorch)
     assert [int(x.argmax()) for x in logits] == tokens

@@ -170,7 +170,7 @@ def test_ops_per_unit_count_every_node(host_run, bundles):
     assert counts["xnnpack partitions"] > 0 and counts["xnnpack ops"] > counts["builtin cpu kernels"]
     assert results["litert"]["backend"]["fully_accelerated"] == (counts["builtin cpu kernels"] == 0)
     et = results["executorch"]["backend"]["ops_per_unit"]
-    assert set(et) == {"prefill_16", "text_decoder"}
+    assert set(et) == {"text_decoder"}
     assert all(c["XnnpackBackend delegate calls"] > 0 for c in et.values())
 
 
@@ -403,14 +403,14 @@ def test_adb_command_lines_for_an_executorch_bundle(bundles, tmp_path):
     assert f"{a} push {bundles / 'executorch' / ptd} {r}/{ptd}" in lines
     inputs = ",".join(f"{r}/inputs/prefill_16_{k}.bin" for k in ("embeddings", "input_pos"))
     assert (f"{a} shell 'cd {r} && LD_LIBRARY_PATH={r} taskset f0 ./executor_runner --model_path={r}/model.pte "
-            f"--data_path={r}/{ptd} --method_name=prefill_16 --inputs={inputs} --output_file={r}/outputs/prefill_16 "
+            f"--data_path={r}/{ptd} --method_name=text_decoder --inputs={inputs} --output_file={r}/outputs/prefill_16 "
             f"--num_executions=6 --cpu_threads=4 --print_output=none 2>&1'") in lines
-    assert f"{a} pull {r}/outputs/text_decoder-0.bin {job.work / 'text_decoder-0.bin'}" in lines
+    assert f"{a} pull {r}/outputs/decode-0.bin {job.work / 'decode-0.bin'}" in lines
     cfg = job.manifest["model"]["config"]
     sizes = {p.name: p.stat().st_size for p in job.work.glob("*.bin")}
     width = cfg["hidden_size"] + cfg["num_hidden_layers"] * cfg["hidden_size_per_layer_input"]
     assert sizes["prefill_16_embeddings.bin"] == 16 * width * 4  # the embedding and the per-layer rows side by side
-    assert sizes["prefill_16_input_pos.bin"] == 16 * 8 and sizes["text_decoder_input_pos.bin"] == 8
+    assert sizes["prefill_16_input_pos.bin"] == 16 * 8 and sizes["decode_input_pos.bin"] == 8
 
 
 class ReplayTransport:

@@ -129,17 +129,16 @@ class LiteRtDebugExecutor(LiteRtExecutor):
 
 
 class ExecuTorchDebugStep(nn.Module):
-    """exporters.executorch.DecoderStep (mutable-buffer KV cache) returning (logits, layer_0, ..., layer_<L-1>)."""
+    """The decoder graph of exporters.executorch.DecoderStep (mutable-buffer KV cache) on the embeddings and
+    per-layer rows apart (the float lookups feed them), returning (logits, layer_0, ..., layer_<L-1>)."""
 
     def __init__(self, decoder: TextDecoder, last_position_only: bool):
-        from exporters.executorch import DecoderStep
-
         super().__init__()
-        self.step = DecoderStep(decoder, last_position_only)
+        self.decoder, self.last_position_only = decoder, last_position_only
 
     def forward(self, inputs_embeds: Tensor, per_layer_rows: Tensor, input_pos: Tensor):
-        with tapped_layers(self.step.decoder) as taps:
-            logits = self.step(inputs_embeds, per_layer_rows, input_pos)
+        with tapped_layers(self.decoder) as taps:
+            logits = self.decoder.forward_embeddings(inputs_embeds, per_layer_rows, input_pos, self.last_position_only)
         return (logits, *taps)
 
 

@@ -1,8 +1,8 @@
 """The executorch backend: the bundle's .pte (XNNPACK) run by executorch.runtime, the PLE table memory-mapped from
 the .ptd. The KV cache lives inside the program as mutable buffers that the prefill and decode methods share.
-It calls the methods of ExecuTorch's LLM runner contract (exporters.executorch), as the stock runner does:
-token_embedding, text_decoder for decode, and the fixed-length prefill_<T> for prompts. ExecuTorchEncoders runs the
-same program's encoder methods."""
+It calls the methods of ExecuTorch's LLM runner contract (exporters.executorch) as the stock runner does:
+token_embedding, then text_decoder for prompt chunks of any length and for each decoded token. ExecuTorchEncoders runs
+the same program's encoder methods."""
 
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ from contract.bundle import (
     AUDIO_ENCODER,
     HIDDEN_SIZE,
     PER_LAYER_SHAPE,
-    PREFILL_PREFIX,
     TEXT_DECODER,
     TOKEN_EMBEDDING,
-    prefill_name,
     vision_encoder_name,
 )
 from models.encoders import runner_audio_input
@@ -44,9 +42,9 @@ class ExecuTorchExecutor:
     def __init__(self, pte: Path, ptd: Path, cache_len: int, prefill_lengths: tuple[int, ...]):
         program = load_program(pte, ptd)
         with native_output_to_log():  # XNNPACK's first load probes the CPU, loudly
-            self.methods = {name: program.load_method(name) for name in program.method_names
-                            if name.startswith((PREFILL_PREFIX, TEXT_DECODER, TOKEN_EMBEDDING))}
-        self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
+            self.methods = {name: program.load_method(name) for name in (TOKEN_EMBEDDING, TEXT_DECODER)}
+        # text_decoder takes any chunk: every length up to the bundle's longest is a prefill length to the session.
+        self.cache_len, self.prefill_lengths = cache_len, tuple(range(1, max(prefill_lengths) + 1))
         with native_output_to_log():
             self.hidden_size = int(program.load_method(HIDDEN_SIZE).execute([])[0])
             self.rows_shape = tuple(int(n) for n in program.load_method(PER_LAYER_SHAPE).execute([]))
@@ -66,18 +64,15 @@ class ExecuTorchExecutor:
         out = self.embeddings(ids)[0, :, self.hidden_size :]
         return out.reshape(out.shape[0], *self.rows_shape)
 
-    def _run(self, method: str, embeds, rows, start: int) -> np.ndarray:
+    def prefill(self, embeds, rows, start: int) -> np.ndarray:
+        """embeds [1, T, H] and rows [1, T, L, P] side by side again, as token_embedding gave them."""
         T = embeds.shape[1]
         joined = np.concatenate([embeds, np.asarray(rows).reshape(1, T, -1)], axis=-1)
-        out = self.methods[method].execute([torch.from_numpy(np.ascontiguousarray(joined, np.float32)),
-                                            torch.arange(start, start + T)])
+        out = self.methods[TEXT_DECODER].execute([torch.from_numpy(np.ascontiguousarray(joined, np.float32)),
+                                                  torch.arange(start, start + T)])
         return out[0][0, -1].numpy()
 
-    def prefill(self, embeds, rows, start: int) -> np.ndarray:
-        return self._run(prefill_name(embeds.shape[1]), embeds, rows, start)
-
-    def decode(self, embeds, rows, pos: int) -> np.ndarray:
-        return self._run(TEXT_DECODER, embeds, rows, pos)
+    decode = prefill  # one method for both, as the runner calls it
 
     def reset(self) -> None:
         """Nothing to clear: every position is written before any query reads it, and later slots are masked."""

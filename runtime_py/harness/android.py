@@ -205,9 +205,9 @@ def runner_steps(job: AndroidJob, prepared: dict) -> list[Step]:
                               parse="run_model"))
     else:  # executorch
         if "executor_runner" in job.runners:
-            for method, inputs in prepared["methods"].items():
+            for method, inputs in prepared["methods"].items():  # the prefill chunk, then one decode step
                 args = [f"--model_path={r}/model.pte", f"--data_path={r}/{prepared['ptd']}",
-                        f"--method_name={method}", "--inputs=" + ",".join(f"{r}/inputs/{f}" for f in inputs),
+                        f"--method_name={TEXT_DECODER}", "--inputs=" + ",".join(f"{r}/inputs/{f}" for f in inputs),
                         f"--output_file={r}/outputs/{method}", f"--num_executions={job.warmup + job.iterations}",
                         f"--cpu_threads={job.threads}", "--print_output=none"]
                 steps.append(Step(f"executor_runner {method}", _shell(job, _run(job, "executor_runner", args)),
@@ -284,12 +284,13 @@ def _prepare_litert(job: AndroidJob, ids: list[int], T: int) -> dict:
 
 
 def _prepare_executorch(job: AndroidJob, ids: list[int], T: int) -> dict:
-    """Raw input files per method, in the method's input order (token_embedding's output, positions)."""
+    """Raw input files of text_decoder's two runs (the prefill chunk, named as LiteRT's prefill signature, and one
+    decode step), in its input order: token_embedding's output, positions."""
     from runtime_py.engine import open_bundle
 
     executor = open_bundle(job.bundle, "executorch").executor
     methods = {}
-    for method, chunk, start in ((prefill_name(T), ids, 0), (TEXT_DECODER, ids[-1:], T)):
+    for method, chunk, start in ((prefill_name(T), ids, 0), ("decode", ids[-1:], T)):
         arr = np.asarray(chunk, np.int64)
         tensors = [executor.embeddings(arr).astype(np.float32), np.arange(start, start + len(chunk), dtype=np.int64)]
         names = [f"{method}_{k}.bin" for k in ("embeddings", "input_pos")]
@@ -504,7 +505,7 @@ def results_from(job: AndroidJob, prepared: dict, outputs: dict[str, str]) -> li
         logs = {m: parsers.parse_executor_runner_log(outputs[f"executor_runner:{m}"]) for m in methods}
         timed = {m: log["iteration_ms"][job.warmup:] or log["iteration_ms"] for m, log in logs.items()}
         prefill_method = prepared["prefill_signature"]
-        decode_ms, prefill_ms = timed.get(TEXT_DECODER, []), timed.get(prefill_method, [])
+        decode_ms, prefill_ms = timed.get("decode", []), timed.get(prefill_method, [])
         logits_file = job.work / f"{prefill_method}-0.bin"
         numeric = None
         if logits_file.is_file():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.bundle import LITERTLM_FILE, PREFILL_PREFIX, PTE_FILE, TARGET_BACKENDS, TEXT_DECODER
+from contract.bundle import LITERTLM_FILE, PTE_FILE, TARGET_BACKENDS, TEXT_DECODER
 from models.errors import InputError
 from runtime_py.harness import numerics
 from runtime_py.harness.record import encoder_fields, percentiles
@@ -402,7 +402,7 @@ def executorch_delegation(pte: Path) -> dict:
     program = getattr(program, "program", program)
     per_method = {}
     for plan in program.execution_plan:
-        if not plan.name.startswith((PREFILL_PREFIX, TEXT_DECODER)):
+        if plan.name != TEXT_DECODER:
             continue
         counts: dict[str, int] = {}
         for chain in plan.chains:
