@@ -117,6 +117,9 @@ def litertlm_metadata(path: Path):
 
 
 def test_the_litertlm_holds_the_encoders_in_litert_lm_layouts(exported, model):
+    """What LiteRT-LM's executors, and so the AI Edge Gallery's side-loading (mobile_demo/README.md), require of a
+    Gemma 3n file with image and audio: the section types in order, one signature per audio section with inputs
+    src_inputs/mask and outputs features/mask, and LlmMetadata's gemma3n start/end tokens and image size."""
     spec, path = exported
     assert sorted(p.name for p in path.parent.iterdir()) == sorted(
         [litert.DECODER_FILE, litert.EMBEDDER_FILE, litert.PER_LAYER_EMBEDDER_FILE, path.name, EXPORT_RECORD]
