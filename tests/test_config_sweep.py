@@ -91,11 +91,12 @@ def test_every_config_matches_the_float_model(case, target):
 
 
 def _text(tokens: list[int], model) -> str:
-    """What the runner prints for `tokens`: their text, up to and including the first EOS (where it stops)."""
+    """What the runner prints for `tokens`: their text, up to and including the first EOS (where it stops), without
+    the leading space that the first piece may or may not keep (the two decoders differ there, not in tokens)."""
     from runtime_py.components.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 
     eos = [i for i, t in enumerate(tokens) if t in model.config.eos_token_ids]
-    return Tokenizer(DEFAULT_TOKENIZER).decode(tokens[: eos[0] + 1] if eos else tokens)
+    return Tokenizer(DEFAULT_TOKENIZER).decode(tokens[: eos[0] + 1] if eos else tokens).lstrip(" ")
 
 
 def _stock_runner_text(folder, steps: int) -> str:
@@ -112,4 +113,4 @@ def _stock_runner_text(folder, steps: int) -> str:
                                         str(folder / "per_layer_embeddings.ptd"))
         stock.generate([runner.make_token_input(PROMPT)],
                        runner.GenerationConfig(echo=False, max_new_tokens=steps, temperature=0.0), pieces.append)
-    return "".join(pieces).lstrip(" ")  # the runner's decoder keeps the first piece's leading space; ours drops it
+    return "".join(pieces).lstrip(" ")
