@@ -107,8 +107,8 @@ class ExecuTorchRunnerSession:
         with native_output_to_log(), stdout_to_log():
             self.runner.reset()
             self.runner.generate(inputs, config, pieces.append, lambda s: stats.update(
-                prompt=s.num_prompt_tokens, generated=s.num_generated_tokens, start=s.inference_start_ms,
-                prompt_end=s.prompt_eval_end_ms, first=s.first_token_ms, end=s.inference_end_ms))
+                start=s.inference_start_ms, prompt_end=s.prompt_eval_end_ms, first=s.first_token_ms,
+                end=s.inference_end_ms))
         self.timing = Timing(prompt_tokens=len(ids), stopped_by="runner")
         if stats:  # the runner's clock, in ms
             self.timing.generated_tokens = len(pieces)  # the runner counts the prefill's token apart

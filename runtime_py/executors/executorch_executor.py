@@ -1,5 +1,5 @@
 """The executorch backend: the bundle's .pte (XNNPACK) run by executorch.runtime, the PLE table memory-mapped from
-the .ptd. The KV cache lives inside the program as mutable buffers that the prefill and decode methods share.
+the .ptd. The KV cache lives inside the program as mutable buffers, written by text_decoder.
 It calls the methods of ExecuTorch's LLM runner contract (exporters.executorch) as the stock runner does:
 token_embedding, then text_decoder for prompt chunks of any length and for each decoded token. ExecuTorchEncoders runs
 the same program's encoder methods."""
