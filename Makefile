@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SIGN_VENV ?= .venv-sign
 
-.PHONY: install run test long compare pins bench-litertlm clean
+.PHONY: install run test long compare pins bench clean
 
 install: $(VENV)/.installed
 
@@ -54,10 +54,10 @@ test: install
 	$(BIN)/python -m pytest -q --durations=25
 
 # The tests that take minutes each, run by .ci/run after `make test`: the exporters over a grid of small valid
-# configs (tests/test_config_sweep.py) and the default bundles rebuilt in two processes, byte for byte
-# (tests/test_reproducible.py).
+# configs (tests/test_config_sweep.py), the default bundles rebuilt in two processes, byte for byte
+# (tests/test_reproducible.py), and g3n bench --quick (tests/test_bench.py).
 long: install
-	$(BIN)/python -m pytest -q --long --dist load tests/test_config_sweep.py tests/test_reproducible.py
+	$(BIN)/python -m pytest -q --long --dist load tests/test_bench.py tests/test_config_sweep.py tests/test_reproducible.py
 
 # The numerics gate: bundles of the default model at every quantization level, each Linux backend against the float
 # PyTorch model; prints report.md and fails past a limit of ci/thresholds.json (report in out/compare).
@@ -65,10 +65,13 @@ compare: install
 	rm -rf out/compare
 	$(BIN)/g3n compare --report out/compare --jobs 2
 
-# Our .litertlm against the one litert-torch's own export_hf makes of the same checkpoint, both run by Google's
-# engine, on the speed issue's E2B-shaped 280M model (about 15 min; not in .ci/run): out/bench-litertlm/bench.md
-bench-litertlm: install
-	$(BIN)/python ci/bench_litertlm.py --work out/bench-litertlm
+# Speed against the field (issue 19's rows, every one a ratio measured side by side in one run; not in .ci/run): the
+# scaled E2B-shaped model's rows (about an hour on 2 cores), then the published-size encoders' (vision and audio).
+# Reports in out/bench and out/bench-encoders (bench.md, bench.json, bench.png); exports kept in out/bench-work.
+bench: install
+	rm -rf out/bench out/bench-encoders
+	$(BIN)/g3n bench --report out/bench --work out/bench-work --only litertlm,ttft,kv-shared,roofline,transformers,slice,ple
+	$(BIN)/g3n bench --report out/bench-encoders --work out/bench-work --only vision,audio
 
 clean:
 	rm -rf $(VENV) $(SIGN_VENV)

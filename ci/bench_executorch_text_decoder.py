@@ -13,7 +13,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,13 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporters.executorch import DecoderStep, export_decoder, gelu_tanh, lower  # noqa: E402
-from models.config import E2B  # noqa: E402
 from models.random_init import randomise_  # noqa: E402
 from models.text import TextDecoder  # noqa: E402
+from runtime_py.bench.subjects import PRESETS  # noqa: E402
 
-SCALED_E2B = replace(E2B, vocab_size=65536, vocab_size_per_layer_input=65536, hidden_size=512,
-                     hidden_size_per_layer_input=64, ffn_widths=(2048,) * 30, num_heads=8, num_kv_heads=2, head_dim=64,
-                     laurel_rank=64, sliding_window=512)
+SCALED_E2B = PRESETS["scaled-e2b"].config
 CACHE, PROMPT = 1024, 128
 
 

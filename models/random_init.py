@@ -26,7 +26,9 @@ def randomise_(model: torch.nn.Module, seed: int) -> None:
 def widened_tokenizer(vocab_size: int) -> bytes:
     """The default model's SentencePiece tokenizer (models/assets/tokenizer.model: Gemma's special and chat ids) with
     placeholder pieces `<w{id}>` appended up to `vocab_size`, so that every id a random model of that vocabulary
-    generates decodes (Google's engine stops with an error on an id beyond its tokenizer)."""
+    generates decodes (Google's engine stops with an error on an id beyond its tokenizer). The placeholders are
+    user-defined pieces, so that the text `<w{id}>` encodes to that id: a prompt of chosen ids reaches an engine that
+    takes text only (the bench's PLE residency row)."""
     from pathlib import Path
 
     from sentencepiece import sentencepiece_model_pb2
@@ -35,6 +37,6 @@ def widened_tokenizer(vocab_size: int) -> bytes:
     proto.ParseFromString((Path(__file__).parent / "assets" / "tokenizer.model").read_bytes())
     for i in range(len(proto.pieces), vocab_size):
         piece = proto.pieces.add()
-        piece.piece, piece.score = f"<w{i}>", -1e9  # never chosen when encoding text
-        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+        piece.piece, piece.score = f"<w{i}>", 0.0
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
     return proto.SerializeToString()

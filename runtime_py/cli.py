@@ -149,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when to find the first divergent layer with a debug export (default: for failing rows)")
     p.add_argument("--write-thresholds", type=Path,
                    help="measure only (no limits checked) and write limits derived from this run to this file")
+    p = sub.add_parser("bench", help="speed against the field, side by side in one run: every row a ratio against "
+                                     "its reference (bench.json, bench.md, bench.png)")
+    p.add_argument("--checkpoint", type=Path, help="a Gemma 3n text checkpoint with tokenizer.model (default: --preset)")
+    p.add_argument("--preset", default="scaled-e2b", help="the random model to write and measure: scaled-e2b (the "
+                                                          "speed issue's 280M E2B-shaped model) or tiny")
+    p.add_argument("--report", type=Path, required=True, help="report folder (must not exist)")
+    p.add_argument("--work", type=Path, help="checkpoints and exports, kept and reused by later runs (default: "
+                                             "a temporary folder)")
+    p.add_argument("--only", help="comma-separated rows: litertlm, ttft, kv-shared, roofline, transformers, slice, "
+                                  "ple, vision, audio (default: all)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
+    p.add_argument("--threads", type=int, default=2, help="threads of every contender")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, one round: seconds per row (the tests run it)")
     from runtime_py.harness.cli import add_parsers as add_harness_parsers
 
     add_harness_parsers(sub)
@@ -699,6 +712,38 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import tempfile
+
+    from rich.console import Console
+
+    from models.errors import InputError
+    from models.fileio import atomic_directory, check_new_directory
+    from runtime_py import bench
+    from runtime_py.bench.report import write
+    from runtime_py.bench.subjects import PRESETS
+
+    if args.preset not in PRESETS:
+        raise InputError(f"--preset: unknown preset {args.preset!r} ({', '.join(PRESETS)})")
+    if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
+        raise InputError(f"--checkpoint: {args.checkpoint / 'config.json'} not found")
+    check_new_directory(args.report)
+    only = tuple(r for r in (args.only or ",".join(bench.ROWS)).split(",") if r)
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="g3n-bench-") as scratch, atomic_directory(args.report) as tmp, \
+            console.status("bench") as status:
+        def progress(message):
+            console.log(message)
+            status.update(f"bench: {message}")
+
+        options = bench.Options(report=tmp, work=args.work or Path(scratch), preset=args.preset,
+                                checkpoint=args.checkpoint, only=only, repeats=1 if args.quick else args.repeats,
+                                threads=args.threads, quick=args.quick, progress=progress)
+        md = write(bench.run(options), tmp)
+    print(md, end="")
+    return 0
+
+
 def cmd_harness(args) -> int:
     from runtime_py.harness.cli import run
 
@@ -716,6 +761,7 @@ COMMANDS = {
     "parity": cmd_parity,
     "harness": cmd_harness,
     "compare": cmd_compare,
+    "bench": cmd_bench,
 }
 
 if __name__ == "__main__":

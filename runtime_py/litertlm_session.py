@@ -16,7 +16,7 @@ from runtime_py.components.media import (
     media_items,
 )
 from runtime_py.components.timing import Timing
-from runtime_py.executors.litert_executor import litertlm_section_list
+from runtime_py.executors.litert_executor import litertlm_section_ranges
 
 VISION_SECTION, AUDIO_SECTION = "vision_encoder", "audio_encoder_hw"
 
@@ -35,7 +35,7 @@ class LitertLmSession:
 
         litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)  # the engine logs every section it skips
         self.litert_lm, self.cache_len, self.litertlm = litert_lm, cache_len, Path(litertlm)
-        types = {t for t, _ in litertlm_section_list(self.litertlm, {VISION_SECTION, AUDIO_SECTION})}
+        types = {t for t, _, _ in litertlm_section_ranges(self.litertlm)} & {VISION_SECTION, AUDIO_SECTION}
         self.has_vision, self.has_audio = VISION_SECTION in types, AUDIO_SECTION in types
         self.accepts_media = self.has_vision or self.has_audio
         cpu = litert_lm.Backend.CPU(thread_count=threads)

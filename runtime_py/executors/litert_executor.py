@@ -21,10 +21,10 @@ from models.errors import InputError
 from runtime_py.executors.base import native_output_to_log
 
 
-def litertlm_section_list(path: Path, types: set[str] | None = None) -> list[tuple[str, bytes]]:
-    """The TFLite models of a .litertlm in file order, as (model type, bytes): prefill_decode, embedder,
+def litertlm_section_ranges(path: Path) -> list[tuple[str, int, int]]:
+    """The TFLite models of a .litertlm in file order, as (model type, begin, end byte): prefill_decode, embedder,
     per_layer_embedder, vision_encoder, ... A type may occur more than once (vision_encoder, one section per group of
-    image sizes). types: read only these (the others are not loaded; a decoder section is gigabytes)."""
+    image sizes)."""
     from litert_lm_builder import litertlm_header_schema_py_generated as schema
     from litert_lm_builder import litertlm_peek
 
@@ -34,15 +34,23 @@ def litertlm_section_list(path: Path, types: set[str] | None = None) -> list[tup
         raise InputError(f"{path}: not a readable .litertlm file ({e})") from None
     sections = header.SectionMetadata()
     out = []
-    with open(path, "rb") as f:
-        for i in range(sections.ObjectsLength()):
-            obj = sections.Objects(i)
-            if obj.DataType() != schema.AnySectionDataType.TFLiteModel:
-                continue
+    for i in range(sections.ObjectsLength()):
+        obj = sections.Objects(i)
+        if obj.DataType() == schema.AnySectionDataType.TFLiteModel:
             model_type = (litertlm_peek.get_model_type(obj) or "").removeprefix("tf_lite_")
+            out.append((model_type, obj.BeginOffset(), obj.EndOffset()))
+    return out
+
+
+def litertlm_section_list(path: Path, types: set[str] | None = None) -> list[tuple[str, bytes]]:
+    """The TFLite models of a .litertlm in file order, as (model type, bytes). types: read only these (the others are
+    not loaded; a decoder section is gigabytes)."""
+    out = []
+    with open(path, "rb") as f:
+        for model_type, begin, end in litertlm_section_ranges(path):
             if types is None or model_type in types:
-                f.seek(obj.BeginOffset())
-                out.append((model_type, f.read(obj.EndOffset() - obj.BeginOffset())))
+                f.seek(begin)
+                out.append((model_type, f.read(end - begin)))
     return out
 
 
