@@ -1,8 +1,9 @@
 """The KV-shared prefill row: the KV-shared upper layers write no cache, so the prefill graphs run them on the last
 prompt position only (ExportSpec.kv_shared_prefill). Both prefill graphs of the same model, side by side, on each
-backend: torch eager, and each exporter's own graph run by the runtime's executor. The layer count alone bounds the
-speed-up (E2B: 30 / 20 = 1.5x); attention over the prompt in the cache-writing layers is unchanged, and the LM head
-runs once either way."""
+backend: torch eager, and each exporter's own graph run by the runtime's executor. The full graph (the exporter's
+`--full-prefill`) returns every position's logits, the KV-shared one the last position's: the speed-up includes the
+LM head on the other positions (runtime_py.bench.kv_shared_ceiling: what weights x positions give; attention over the
+prompt in the shared layers, and the logits' softcapping, are saved beyond it)"""
 
 from __future__ import annotations
 

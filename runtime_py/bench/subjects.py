@@ -129,6 +129,7 @@ class Work:
             if not files:
                 raise InputError(f"{out}: the export wrote no model file; see {self.folder / f'{name}.log'}")
             record.write_text(json.dumps({"seconds": measured["seconds"], "peak_rss_mib": measured["peak_rss_mib"],
-                                          "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
                                           "model": str(files[0])}))
-        return json.loads(record.read_text()) | {"folder": str(out)}
+        # What an app ships: the .litertlm, or the .pte and its .ptd (our exporter also leaves the sections' .tflite).
+        shipped = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".litertlm", ".pte", ".ptd"))
+        return json.loads(record.read_text()) | {"folder": str(out), "bytes": shipped}
