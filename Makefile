@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SIGN_VENV ?= .venv-sign
 
-.PHONY: install run test long compare pins bench clean
+.PHONY: install run test long compare pins bench real-checkpoints clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,11 @@ bench: install
 	rm -rf out/bench out/bench-encoders
 	$(BIN)/g3n bench --report out/bench --work out/bench-work --only litertlm,ttft,kv-shared,roofline,transformers,slice,ple
 	$(BIN)/g3n bench --report out/bench-encoders --work out/bench-work --only vision,audio
+
+# Real scale, step 1: random checkpoints laid out as the published E2B and E4B (11 and 16 GB, bf16), each loaded by
+# transformers for one forward pass; time and peak RSS of each step in out/real/checkpoints.md. Not in .ci/run.
+real-checkpoints: install
+	$(BIN)/python ci/real_checkpoints.py --out out/real
 
 clean:
 	rm -rf $(VENV) $(SIGN_VENV)

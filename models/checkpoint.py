@@ -16,7 +16,6 @@ from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from models.config import TextConfig, read_hf_config
 from models.errors import CheckpointError
@@ -282,36 +281,31 @@ def write_checkpoint(
     extra_files: dict[str, bytes] | None = None,
 ) -> None:
     """Writes config.json and safetensors shards into a temporary directory, then renames it to `path`, so a failure
-    never leaves a half-written checkpoint. `tensors` is an iterable of (name, tensor) and may be a generator."""
+    never leaves a half-written checkpoint. `tensors` is an iterable of (name, tensor) and may be a generator: each
+    tensor is written as it comes and not kept (_ShardWriter), so a generator that makes one tensor at a time writes a
+    model larger than memory."""
     with atomic_directory(path) as tmp:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
         weight_map: dict[str, int] = {}
-        written: list[str] = []
-
-        def flush(shard: dict, number: int) -> None:
-            name = f"shard-{number:05d}.tmp"
-            save_file({k: v.contiguous() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
-            written.append(name)
-
+        written: list[Path] = []
+        shard = _ShardWriter(tmp / "shard-00001.tmp")
         for name, tensor in tensors:
+            if name in weight_map:
+                raise CheckpointError(f"{name}: written twice")
             nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                flush(shards[-1], len(written) + 1)
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor
-            weight_map[name] = len(shards)
-            size += nbytes
-        flush(shards[-1], len(written) + 1)
+            if shard.entries and shard.size + nbytes > max_shard_bytes:
+                written.append(shard.finish())
+                shard = _ShardWriter(tmp / f"shard-{len(written) + 1:05d}.tmp")
+            shard.add(name, tensor)
+            weight_map[name] = len(written) + 1
+        written.append(shard.finish())
 
         total = len(written)
         if total == 1:
-            os.replace(tmp / written[0], tmp / SINGLE_FILE)
+            os.replace(written[0], tmp / SINGLE_FILE)
         else:
             names = {i + 1: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)}
             for i, tmp_name in enumerate(written):
-                os.replace(tmp / tmp_name, tmp / names[i + 1])
+                os.replace(tmp_name, tmp / names[i + 1])
             index = {
                 "metadata": {"total_size": sum((tmp / n).stat().st_size for n in names.values())},
                 "weight_map": {k: names[v] for k, v in sorted(weight_map.items())},
@@ -320,3 +314,44 @@ def write_checkpoint(
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                      torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class _ShardWriter:
+    """One safetensors file written tensor by tensor: the data goes to a side file as each tensor arrives, and
+    finish() writes the header (known only when the shard is complete) followed by that data. safetensors' own
+    save_file needs the whole shard in memory and copies it once more into bytes: 2x the shard, and a 4.7 GB PLE
+    table alone in its shard at E4B size."""
+
+    def __init__(self, path: Path):
+        self.path, self.data = path, path.with_suffix(".data")
+        self.file = open(self.data, "wb")
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous()
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: dtype {t.dtype} cannot be written to safetensors")
+        nbytes = t.numel() * t.element_size()
+        self.entries[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.size, self.size + nbytes]}
+        if nbytes:
+            self.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.size += nbytes
+
+    def finish(self) -> Path:
+        import shutil
+        import struct
+
+        self.file.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(self.path, "wb") as out, open(self.data, "rb") as data:
+            out.write(struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(data, out, 64 << 20)
+        self.data.unlink()
+        return self.path

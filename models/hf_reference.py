@@ -7,6 +7,7 @@ path off; `randomise_` gives every parameter a random value so that every path c
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -88,6 +89,34 @@ def write_random_checkpoint(path: str | Path, cfg: TextConfig = TINY, layout: st
     model = random_hf_model(cfg, layout, seed, **kw)
     model.save_pretrained(str(path))
     return model
+
+
+def published_config(text: TextConfig):
+    """The published google/gemma-3n config.json of a text shape (E2B or E4B): transformers' Gemma3nConfig defaults
+    are the published MobileNet-V5-300M, conformer and media ids; the text config is ours."""
+    from transformers import Gemma3nConfig, Gemma3nTextConfig
+
+    return Gemma3nConfig(text_config=Gemma3nTextConfig(**text.to_hf_text_dict()))
+
+
+def write_random_streamed(path: str | Path, config, seed: int = 0, extra_files: dict[str, bytes] | None = None,
+                          progress=None) -> int:
+    """A Gemma3nForConditionalGeneration checkpoint of `config` laid out as transformers saves it (bf16, sharded
+    safetensors with model.safetensors.index.json), with the values write_random_checkpoint's model has, written
+    tensor by tensor: the model is built on the meta device and never whole in memory, so the real-size shapes fit
+    a small machine. Returns the parameter count."""
+    from transformers import Gemma3nForConditionalGeneration
+
+    from models.checkpoint import write_checkpoint
+    from models.random_init import random_tensors
+
+    with torch.device("meta"):
+        model = Gemma3nForConditionalGeneration(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied lm_head: saved once, as HF does
+    hf = config.to_dict() | {"architectures": [CONDITIONAL_GENERATION], "dtype": "bfloat16"}
+    write_checkpoint(path, hf, random_tensors(shapes, seed, torch.bfloat16, progress=progress),
+                     extra_files=extra_files)
+    return sum(math.prod(s) for s in shapes.values())
 
 
 def load_hf_model(path: str | Path):

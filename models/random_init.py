@@ -15,12 +15,38 @@ def randomise_(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif "embed" in name and p.ndim == 2 and "proj" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
+            p.copy_(random_value(name, p.shape, gen))
+
+
+def random_value(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """randomise_'s draw for one parameter, or for a block of its leading rows: the scale depends on shape[1:] only."""
+    if len(shape) == 1:
+        return 1.0 + 0.2 * torch.randn(shape, generator=gen)
+    if "embed" in name and len(shape) == 2 and "proj" not in name:
+        return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+    return torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, block: int = 1 << 24,
+                   progress=None):
+    """The values randomise_ gives parameters of these shapes, one tensor at a time and drawn in blocks of rows, so
+    that a model larger than memory is written without ever being whole (the generator's stream does not depend on
+    how it is split into draws of whole multiples of 16 values; tests/test_real_shaped.py checks it). Yields
+    (name, tensor); progress(done_bytes, total_bytes) after each tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    size = torch.empty((), dtype=dtype).element_size()
+    total, done = sum(math.prod(s) for s in shapes.values()) * size, 0
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        out = torch.empty(shape, dtype=dtype)
+        rows = shape[0] if len(shape) == 1 else max(16, block // math.prod(shape[1:]) // 16 * 16)
+        for start in range(0, shape[0], rows):
+            stop = min(start + rows, shape[0])
+            out[start:stop] = random_value(name, (stop - start, *shape[1:]), gen)
+        done += out.numel() * size
+        yield name, out
+        if progress is not None:
+            progress(done, total)
 
 
 def widened_tokenizer(vocab_size: int) -> bytes:

@@ -24,9 +24,11 @@ whole model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -360,6 +362,32 @@ def _log_to(log: Path | None) -> None:
         with open(log, "ab") as f:
             os.dup2(f.fileno(), 1)
             os.dup2(f.fileno(), 2)
+
+
+@contextlib.contextmanager
+def output_to(log: Path | None):
+    """_log_to for a while, in this process: the converters' output (C++ and absl logs, litert-torch's progress tree,
+    warnings) goes to `log` until the block ends. Yields a text stream on the terminal's stderr, for the caller's
+    own progress lines."""
+    if log is None:
+        yield sys.stderr
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    try:
+        _log_to(log)
+        yield terminal
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        terminal.close()
 
 
 def deterministic_zip(folder: Path, path: Path) -> None:

@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-layers", help="layers to drop: i,j,...")
     _add_matformer_config(p)
 
+    p = sub.add_parser("random-checkpoint", help="write a checkpoint laid out as the published Gemma 3n (config, bf16 "
+                                                 "shards, index, tokenizer, chat template) with random weights")
+    p.add_argument("--preset", choices=["e2b", "e4b", "tiny"], required=True,
+                   help="e2b, e4b: the published shapes (5.4B / 7.8B parameters, with the full-size encoders); tiny: "
+                        "the embedded model's shapes")
+    p.add_argument("--out", type=Path, required=True, help="new checkpoint directory (must not exist)")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("generate", help="generate from a bundle on a backend, or from token ids with the PyTorch model")
     p.add_argument("prompt", nargs="?", help="prompt text (wrapped in the Gemma chat template)")
     p.add_argument("--bundle", type=Path, help="a bundle folder written by g3n bundle (e.g. out/android)")
@@ -119,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ple-storage", default="int8", help="PLE asset storage: int8, fp16, bf16 or fp32")
     p.add_argument("--full-prefill", action="store_true",
                    help="run KV-shared layers on every prompt position (unoptimised; for comparison)")
+    p.add_argument("--log", type=Path, help="file for the converters' output (default: <out>.log beside --out)")
+    p.add_argument("--verbose", action="store_true", help="the converters' output on the terminal, not in --log")
 
     p = sub.add_parser("parity", help="our model against transformers on the same weights (max |delta logit|)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint to compare on (default: a random tiny one)")
@@ -413,6 +423,37 @@ def cmd_slice(args) -> int:
     return 0
 
 
+def cmd_random_checkpoint(args) -> int:
+    import shutil
+
+    from rich.progress import Progress
+
+    from models.checkpoint import CONDITIONAL_GENERATION
+    from models.config import PRESETS
+    from models.errors import InputError
+    from models.fileio import check_new_directory
+    from models.hf_reference import hf_config, published_config, write_random_streamed
+    from models.random_init import widened_tokenizer
+    from runtime_py.components.chat_template import JINJA
+
+    check_new_directory(args.out)
+    text = PRESETS[args.preset]
+    config = hf_config(text, CONDITIONAL_GENERATION) if args.preset == "tiny" else published_config(text)
+    need = text.vocab_size * text.hidden_size * 2 + 2 * 10**9 * (args.preset != "tiny")  # rough floor, bf16
+    free = shutil.disk_usage(args.out.resolve().parent).free
+    if free < need:
+        raise InputError(f"--out: {args.out.resolve().parent} has {free / 2**30:.1f} GiB free; the checkpoint needs "
+                         f"more than {need / 2**30:.1f} GiB")
+    files = {"tokenizer.model": widened_tokenizer(text.vocab_size_per_layer_input),
+             "chat_template.jinja": JINJA.encode()}
+    with Progress(transient=True) as progress:
+        task = progress.add_task("writing random tensors", total=None)
+        count = write_random_streamed(args.out, config, args.seed, files,
+                                      lambda done, total: progress.update(task, completed=done, total=total))
+    print(f"wrote {args.out}: Gemma3nForConditionalGeneration, {count / 1e9:.2f}B parameters, bf16")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from models.errors import InputError
 
@@ -495,7 +536,6 @@ def cmd_bundle(args) -> int:
 
     from contract.bundle import MANIFEST
     from models import TextDecoder, load_pretrained, save_pretrained
-    from models.errors import InputError
     from models.matformer import parse_int_list, slice_checkpoint
     from runtime_py.bundle import build_bundles
     from runtime_py.components.tokenizer import checkpoint_tokenizer
@@ -565,9 +605,10 @@ def cmd_export(args) -> int:
 
     from exporters import export
     from exporters.spec import EXPORT_RECORD, ExportSpec
+    from models.errors import G3nError
     from models.matformer import parse_int_list
     from models.multimodal import Gemma3n
-    from runtime_py.bundle import default_cache_len
+    from runtime_py.bundle import default_cache_len, output_to
 
     model, source = _load_whole(args)
     whole = isinstance(model, Gemma3n)
@@ -587,8 +628,17 @@ def cmd_export(args) -> int:
         from runtime_py.components.tokenizer import checkpoint_tokenizer
 
         kwargs["tokenizer_path"] = checkpoint_tokenizer(args.checkpoint, sentencepiece_only=True)
-    with Console(stderr=True).status(f"lowering {source} to {args.target} ({args.quant})"):
-        out = export(model, spec, args.out, **kwargs)
+    log = None if args.verbose else args.log or args.out.with_name(args.out.name + ".log")
+    if log is not None and log.exists():
+        log.unlink()
+    try:
+        with output_to(log) as terminal, Console(file=terminal).status(
+                f"lowering {source} to {args.target} ({args.quant})" + (f"; converter logs: {log}" if log else "")):
+            out = export(model, spec, args.out, **kwargs)
+    except G3nError:  # a refused input leaves nothing behind
+        if log is not None:
+            log.unlink(missing_ok=True)
+        raise
     manifest = json.loads((out / EXPORT_RECORD).read_text())
     for name, size in manifest["files"].items():
         print(f"{size:>12,}  {out / name}")
@@ -755,6 +805,7 @@ COMMANDS = {
     "sign": cmd_sign,
     "verify": cmd_verify,
     "slice": cmd_slice,
+    "random-checkpoint": cmd_random_checkpoint,
     "generate": cmd_generate,
     "export": cmd_export,
     "bundle": cmd_bundle,

@@ -105,6 +105,15 @@ CATALOGUE = [
                                     "8"], ["already exists"]),
     ("slice-pickle-checkpoint", lambda i: ["slice", "--checkpoint", i.bad / "pickle", "--out", i.out / "s",
                                            "--ffn-widths", "8"], ["pickle"]),
+    # --- random-checkpoint
+    ("random-checkpoint-out-exists", lambda i: ["random-checkpoint", "--preset", "tiny", "--out", i.checkpoint],
+     ["already exists"]),
+    ("random-checkpoint-bad-preset", lambda i: ["random-checkpoint", "--preset", "e9b", "--out", i.out / "c"],
+     ["--preset", "invalid choice: 'e9b'"]),
+    # --- bench
+    ("bench-unknown-row", lambda i: ["bench", "--report", i.out / "r", "--only", "frobnicate"],
+     ["--only", "frobnicate"]),
+    ("bench-report-exists", lambda i: ["bench", "--report", i.checkpoint, "--quick"], ["already exists"]),
     # --- generate: flags
     ("generate-no-bundle", lambda i: ["generate", "hi"], ["--bundle"]),
     ("generate-no-prompt", lambda i: ["generate", "--bundle", i.text / "executorch"], ["prompt"]),
@@ -236,7 +245,7 @@ def test_one_line_exit_2_nothing_written(capsys, inputs, monkeypatch, argv, frag
 def test_the_catalogue_covers_every_command():
     from runtime_py.cli import COMMANDS
 
-    named = {argv_name.split("-")[0] for argv_name, _, _ in CATALOGUE}
+    named = {command for command in COMMANDS for name, _, _ in CATALOGUE if name.startswith(command + "-")}
     assert set(COMMANDS) - named == set()
     assert len(CATALOGUE) == len({name for name, _, _ in CATALOGUE})
 

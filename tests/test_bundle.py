@@ -291,3 +291,24 @@ def test_generate_prints_text_and_a_timing_line(bundles, capsys):
     out, err = capsys.readouterr()
     assert code == 0 and out.strip()
     assert "ttft" in err and "prefill" in err and "decode" in err and "peak RSS" in err
+
+
+def test_converter_output_goes_to_the_log_and_progress_to_the_terminal(tmp_path, capfd):
+    # What the converters write to file descriptors 1 and 2 (C++ and absl logs, litert-torch's progress tree, and in
+    # a real process Python's own streams, which write there) goes to the log; the stream the block yields stays on
+    # the terminal.
+    import os
+
+    from runtime_py.bundle import output_to
+
+    log = tmp_path / "export.log"
+    with output_to(log) as terminal:
+        os.write(2, b"I0000 flatbuffer_export.cc:4410] Estimated count of arithmetic ops\n")
+        os.write(1, b"(00:00) [START] LiteRT-Torch Convert\n")
+        print("lowering: progress line", file=terminal)
+    print("after the block")
+    out, err = capfd.readouterr()
+    assert "lowering: progress line" in err and "after the block" in out
+    assert "Estimated count" not in out + err and "LiteRT-Torch" not in out + err
+    assert log.read_text().splitlines() == ["I0000 flatbuffer_export.cc:4410] Estimated count of arithmetic ops",
+                                            "(00:00) [START] LiteRT-Torch Convert"]
