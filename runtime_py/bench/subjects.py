@@ -120,10 +120,11 @@ class Work:
             if who == "ours":
                 cmd = [PYTHON, "-m", "runtime_py.cli", "export", "--checkpoint", str(source), "--target", target,
                        "--quant", quant, "--text-only", "--cache-len", str(p.cache), "--prefill-lengths",
-                       str(p.prefill), "--out", str(out)] + ([] if kv_shared else ["--full-prefill"])
+                       str(p.prefill), "--out", str(out), "--verbose"] + ([] if kv_shared else ["--full-prefill"])
             else:
                 cmd = CHILD + ["export_hf", str(source), str(out), quant, str(p.prefill), str(p.cache)]
             self.progress(f"exporting {name}")
+            # --verbose: the converters' output joins the export's stderr in the work folder's log, below
             measured = run_measured(cmd, self.folder / f"{name}.log")
             files = sorted(out.rglob("*.litertlm")) + sorted(out.rglob("*.pte"))
             if not files:
