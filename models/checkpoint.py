@@ -44,6 +44,7 @@ class SafetensorsReader:
 
     directory: Path
     file_of: dict[str, str] = field(default_factory=dict)
+    header: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # key -> (shape, dtype)
 
     @classmethod
     def open(cls, directory: Path) -> "SafetensorsReader":
@@ -66,7 +67,9 @@ class SafetensorsReader:
             path = directory / name
             if not path.is_file():
                 raise CheckpointError(f"{path}: listed in {INDEX_FILE} but missing")
-            for key in reader._keys_of(path):
+            header = reader._headers_of(path)
+            reader.header.update(header)
+            for key in header:
                 if weight_map is not None and weight_map.get(key) != name:
                     raise CheckpointError(f"{path}: holds {key}, which {INDEX_FILE} places elsewhere")
                 reader.file_of[key] = name
@@ -77,23 +80,39 @@ class SafetensorsReader:
         return reader
 
     @staticmethod
-    def _keys_of(path: Path) -> list[str]:
+    def _headers_of(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+        """key -> (shape, dtype), parsed from the file's header as safetensors lays it out (a little-endian u64
+        length, then JSON) and checked against the file's size; read directly rather than through safe_open, which
+        maps the whole file (and fails on a file larger than the machine's memory)."""
         try:
-            with safe_open(path, framework="pt") as f:
-                return list(f.keys())
-        except (SafetensorError, OSError, ValueError) as e:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(f.read(8), "little")
+                if not 2 <= n <= min(size - 8, 100 << 20):
+                    raise ValueError(f"header length {n} in a {size}-byte file")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            out, end = {}, 0
+            for key, entry in header.items():
+                shape, dtype, (begin, stop) = tuple(entry["shape"]), entry["dtype"], entry["data_offsets"]
+                if not (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
+                        and 0 <= begin <= stop):
+                    raise ValueError(f"bad entry for {key}")
+                out[key], end = (shape, dtype), max(end, stop)
+            if end != size - 8 - n:
+                raise ValueError(f"the header spans {end} bytes of data, the file holds {size - 8 - n}")
+            return out
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
     def keys(self) -> list[str]:
         return list(self.file_of)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        with safe_open(self.directory / self.file_of[key], framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
+        return self.header[key][0]
 
     def dtype_of(self, key: str) -> str:
-        with safe_open(self.directory / self.file_of[key], framework="pt") as f:
-            return f.get_slice(key).get_dtype()
+        return self.header[key][1]
 
     def numel(self, key: str) -> int:
         n = 1
@@ -112,7 +131,7 @@ class SafetensorsReader:
                 with safe_open(path, framework="pt") as f:
                     for key in file_keys:
                         yield key, f.get_tensor(key)
-            except (SafetensorError, OSError, ValueError) as e:
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: torch's mmap
                 raise CheckpointError(f"{path}: cannot read tensor data ({e})") from None
 
 
@@ -147,6 +166,7 @@ def load_text_decoder(path: str | os.PathLike, dtype: torch.dtype | None = None)
     layout = layout_of(hf_config)
     prefix = TEXT_PREFIX[layout]
     reader = SafetensorsReader.open(path)
+    check_fits_in_memory(path, reader, dtype, MULTIMODAL_PREFIXES)
 
     with torch.device("meta"):
         model = TextDecoder(cfg)
@@ -200,6 +220,7 @@ def _load_gemma3n(path: Path, dtype: torch.dtype | None):
     hf_config = read_hf_config(path)
     cfg = Gemma3nConfig.from_hf_dict(hf_config)
     reader = SafetensorsReader.open(path)
+    check_fits_in_memory(path, reader, dtype)
     prefix = TEXT_PREFIX[CONDITIONAL_GENERATION]
     # Built on the meta device and assigned the checkpoint's tensors (the PLE table alone is 2B parameters on E2B);
     # the towers hold no buffers, the text decoder re-creates its RoPE tables.
@@ -213,6 +234,34 @@ def _load_gemma3n(path: Path, dtype: torch.dtype | None):
     model.language_model.init_buffers()
     model.hf_config = hf_config
     return model.eval()
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit where one is set below it (a container's)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def check_fits_in_memory(path: Path, reader: SafetensorsReader, dtype: torch.dtype | None,
+                         own_dtype: tuple[str, ...] = ()) -> None:
+    """Refuses, from the shards' headers alone, a checkpoint whose tensors, loaded in `dtype` (those under the
+    `own_dtype` prefixes, and all where dtype is None, in their own), exceed this machine's memory: loading would only
+    end in the kernel's out-of-memory kill, part-way through."""
+    need = 0
+    for key in reader.keys():
+        if key != "lm_head.weight":  # tied: never loaded
+            cast = dtype is not None and not key.startswith(own_dtype)
+            need += reader.numel(key) * (dtype if cast else _torch_dtype(reader.dtype_of(key))).itemsize
+    have = machine_memory_bytes()
+    if need > have:
+        where = path / (INDEX_FILE if (path / INDEX_FILE).is_file() else SINGLE_FILE)
+        as_ = f" as {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+        raise CheckpointError(f"{where}: its tensors take {need / 1e9:.1f} GB loaded{as_}, more than this "
+                              f"machine's {have / 1e9:.1f} GB of memory")
 
 
 def _check_keys_and_shapes(path: Path, reader: SafetensorsReader, expected: dict, unexpected: list[str]) -> None:

@@ -73,6 +73,20 @@ def _truncated_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _oversized_checkpoint(src: Path, dst: Path) -> Path:
+    """The tiny config beside a model.safetensors whose header declares a 550 GB embedding table (a sparse file:
+    nothing of it is on disk): larger than any machine this runs on."""
+    dst.mkdir()
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    rows, width = 1 << 27, 2048
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "BF16", "shape": [rows, width],
+                                                       "data_offsets": [0, rows * width * 2]}}).encode()
+    with open(dst / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + rows * width * 2)
+    return dst
+
+
 def _thresholds(i: Inputs, text: str) -> Path:
     return i.bad / text
 
@@ -182,6 +196,11 @@ CATALOGUE = [
      ["nowhere"]),
     ("bundle-truncated-checkpoint", lambda i: ["bundle", "--checkpoint", i.bad / "truncated", "--out",
                                                i.out / "b"], ["truncated"]),
+    ("bundle-checkpoint-past-memory", lambda i: ["bundle", "--checkpoint", i.bad / "oversized", "--out",
+                                                 i.out / "b"], ["oversized/model.safetensors", "GB of memory"]),
+    ("export-checkpoint-past-memory", lambda i: ["export", "--target", "executorch", "--checkpoint",
+                                                 i.bad / "oversized", "--out", i.out / "e"],
+     ["oversized/model.safetensors", "GB of memory"]),
     ("bundle-missing-tokenizer", lambda i: ["bundle", "--tokenizer", i.bad / "tok.model", "--out", i.out / "b"],
      ["tok.model"]),
     ("bundle-foreign-tokenizer", lambda i: ["bundle", "--tokenizer", i.bad / "noise.png", "--out", i.out / "b"],
@@ -228,6 +247,7 @@ def _state(*roots: Path) -> dict[str, tuple[int, int]]:
 def inputs(tmp_path_factory, tiny_checkpoint, default_bundles, multimodal_bundles):
     bad = _bad_files(tmp_path_factory.mktemp("catalogue") / "bad")
     _truncated_checkpoint(tiny_checkpoint, bad / "truncated")
+    _oversized_checkpoint(tiny_checkpoint, bad / "oversized")
     return Inputs(tiny_checkpoint, default_bundles, multimodal_bundles, bad, tmp_path_factory.mktemp("out"))
 
 
