@@ -80,6 +80,7 @@ from contract.bundle import (
     prefill_name,
     vision_signature,
 )
+from exporters.memo import memoized
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder
 from models.errors import InputError
@@ -199,25 +200,28 @@ def decoder_sample_inputs(model: TextDecoder, tokens: int, cache_len: int) -> di
     return inputs
 
 
-def convert_decoder(model: TextDecoder, spec: ExportSpec, path: Path) -> Path:
+def convert(signatures: list[tuple[str, nn.Module, dict]], path: Path) -> Path:
+    """One .tflite holding the given (name, module, sample kwargs) signatures (exporters.memo: a repeat is a copy)."""
     import litert_torch
 
-    converter = litert_torch.Converter()
-    for tokens in spec.prefill_lengths:
-        prefill = LiteRtLmDecoder(model, last_position_only=spec.kv_shared_prefill)
-        converter.signature(prefill_name(tokens), prefill, sample_kwargs=decoder_sample_inputs(model, tokens, spec.cache_len))
+    def run(out: Path) -> None:
+        converter = litert_torch.Converter()
+        for name, module, sample in signatures:
+            converter.signature(name, module, sample_kwargs=sample)
+        converter.convert().export(str(out))
+
+    return memoized(signatures, f"litert_torch {litert_torch.__version__}", path, run)
+
+
+def convert_decoder(model: TextDecoder, spec: ExportSpec, path: Path) -> Path:
+    signatures = [(prefill_name(tokens), LiteRtLmDecoder(model, last_position_only=spec.kv_shared_prefill),
+                   decoder_sample_inputs(model, tokens, spec.cache_len)) for tokens in spec.prefill_lengths]
     decode = LiteRtLmDecoder(model, last_position_only=False)
-    converter.signature(DECODE, decode, sample_kwargs=decoder_sample_inputs(model, 1, spec.cache_len))
-    converter.convert().export(str(path))
-    return path
+    return convert([*signatures, (DECODE, decode, decoder_sample_inputs(model, 1, spec.cache_len))], path)
 
 
 def convert_lookup(module: nn.Module, signature: str, path: Path) -> Path:
-    import litert_torch
-
-    sample = {"token_ids": torch.zeros(1, 1, dtype=torch.int32)}
-    litert_torch.signature(signature, module, sample_kwargs=sample).convert().export(str(path))
-    return path
+    return convert([(signature, module, {"token_ids": torch.zeros(1, 1, dtype=torch.int32)})], path)
 
 
 # --- the encoders, in LiteRT-LM's layouts (see the module docstring) --------------------------------------------------
@@ -284,22 +288,16 @@ class EndOfMedia(nn.Module):
 
 
 def convert_vision_encoder(model: Gemma3n, sizes: tuple[int, ...], path: Path) -> Path:
-    import litert_torch
-
-    converter = litert_torch.Converter()
-    for size in sizes:
-        converter.signature(vision_signature(size), LiteRtLmVisionEncoder(model).eval(),
-                            sample_kwargs={"images": torch.zeros(1, size, size, 3)})
-    converter.convert().export(str(path))
-    return path
+    encoder = LiteRtLmVisionEncoder(model).eval()
+    return convert([(vision_signature(size), encoder, {"images": torch.zeros(1, size, size, 3)}) for size in sizes],
+                   path)
 
 
 def convert_encoders(model: Gemma3n, spec: ExportSpec, work: Path) -> list[tuple[str, str]]:
     """Lowers the encoders spec.encoders names; returns (file, LiteRT-LM model type) in packing order."""
-    import litert_torch
 
-    def convert(module: nn.Module, signature: str, sample: dict, file: str) -> str:
-        litert_torch.signature(signature, module.eval(), sample_kwargs=sample).convert().export(str(work / file))
+    def convert_one(module: nn.Module, signature: str, sample: dict, file: str) -> str:
+        convert([(signature, module.eval(), sample)], work / file)
         return file
 
     sections = []
@@ -311,20 +309,20 @@ def convert_encoders(model: Gemma3n, spec: ExportSpec, work: Path) -> list[tuple
         convert_vision_encoder(model, (first,), work / VISION_ENCODER_FILE)
         sections.append((VISION_ENCODER_FILE, "VISION_ENCODER"))
         soft = torch.zeros(1, model.config.tokens.image_soft_tokens, model.config.vision_embedder.hidden_size)
-        sections.append((convert(LiteRtLmVisionAdapter(model), "vision_adapter", {"soft_tokens": soft},
+        sections.append((convert_one(LiteRtLmVisionAdapter(model), "vision_adapter", {"soft_tokens": soft},
                                  VISION_ADAPTER_FILE), "VISION_ADAPTER"))
     if "audio" in spec.encoders:
         frames = torch.ones(1, LITERT_AUDIO_FRAMES, dtype=torch.bool)
         features = torch.zeros(1, LITERT_AUDIO_FRAMES, model.config.audio.input_feat_size)
         sample = {"src_inputs": features, "mask": frames}
-        sections.append((convert(LiteRtLmAudioEncoder(model), "audio_encoder", sample, AUDIO_ENCODER_FILE),
+        sections.append((convert_one(LiteRtLmAudioEncoder(model), "audio_encoder", sample, AUDIO_ENCODER_FILE),
                          "AUDIO_ENCODER_HW"))
         tokens = model.config.tokens.audio_soft_tokens
         sample = {"features": torch.zeros(1, tokens, model.config.audio.hidden_size),
                   "mask": torch.ones(1, tokens, dtype=torch.bool)}
-        sections.append((convert(LiteRtLmAudioAdapter(model), "audio_adapter", sample, AUDIO_ADAPTER_FILE),
+        sections.append((convert_one(LiteRtLmAudioAdapter(model), "audio_adapter", sample, AUDIO_ADAPTER_FILE),
                          "AUDIO_ADAPTER"))
-        sections.append((convert(EndOfMedia(model.embed_audio, model.config.tokens.eoa), "end_of_audio", {},
+        sections.append((convert_one(EndOfMedia(model.embed_audio, model.config.tokens.eoa), "end_of_audio", {},
                                  END_OF_AUDIO_FILE), "END_OF_AUDIO"))
     return sections
 

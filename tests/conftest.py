@@ -94,6 +94,31 @@ SHARED_BUNDLES = {"default-bundles": _default_bundles, "multimodal-bundles": _mu
 
 
 _PREBUILDS = pytest.StashKey[list]()
+_MEMO = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """One conversion memo for the run (exporters.memo), set before the workers and the bundle builds' processes
+    start so that all of them inherit it: the same graph (the default model's encoders, its decoder at one spec) is
+    converted once, whichever test or bundle needs it first. Tests of the conversion itself (test_reproducible, the
+    bench's timed exports) turn it off for their processes."""
+    import tempfile
+
+    from exporters import memo
+
+    if not hasattr(config, "workerinput") and memo.ENV not in os.environ:
+        config.stash[_MEMO] = os.environ[memo.ENV] = tempfile.mkdtemp(prefix="g3n-conversion-memo-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    from exporters import memo
+
+    folder = config.stash.get(_MEMO, None)
+    if folder:
+        os.environ.pop(memo.ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_sessionstart(session):

@@ -27,12 +27,14 @@ reported; in-process rows (kv-shared, vision, audio) interleave their contenders
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exporters import memo
 from models.errors import InputError
 from runtime_py.bench.measure import cpu_name, drop_from_page_cache, run_measured
 from runtime_py.bench.subjects import CHILD, PRESETS, Preset, Work
@@ -87,6 +89,8 @@ def run(options: Options) -> dict:
         raise InputError(f"--only: unknown row {unknown[0]!r} (rows: {', '.join(ROWS)})")
     if options.repeats < 1 or options.threads < 1:
         raise InputError("--repeats and --threads: expected positive numbers")
+    # Every export is timed as a user's would run: never a copy from a conversion memo (exporters.memo).
+    os.environ.pop(memo.ENV, None)
     preset = PRESETS["tiny" if options.quick else options.preset]
     bench = Bench(options, preset, Work(options.work, preset, options.checkpoint, options.progress))
     t0 = time.perf_counter()

@@ -18,6 +18,26 @@ def build_for_comparison(checkpoint: Path | None, out: Path, builds: list[tuple[
     returns the target folders in the order of `builds`. jobs > 1 builds in that many processes at once: conversion
     is mostly single-threaded Python, so on 2 cores two builds take about the time of one. image_sizes: the vision
     encoder's sizes in bundles of a whole model."""
+    import os
+    import shutil
+
+    from exporters import memo
+
+    # The levels of one target share their float conversions (LiteRT quantizes the converted graph): converted once
+    # (exporters.memo), in a folder removed with the builds done.
+    memo_folder, own_memo = os.environ.get(memo.ENV), memo.ENV not in os.environ
+    if own_memo:
+        memo_folder = os.environ[memo.ENV] = str(out / ".conversion-memo")
+    try:
+        return _build_all(checkpoint, out, builds, tokenizer, cache_len, prefill_lengths, source, jobs, progress,
+                          image_sizes)
+    finally:
+        if own_memo:
+            del os.environ[memo.ENV]
+            shutil.rmtree(memo_folder, ignore_errors=True)
+
+
+def _build_all(checkpoint, out, builds, tokenizer, cache_len, prefill_lengths, source, jobs, progress, image_sizes):
     order = sorted(builds, key=lambda b: _BUILD_COST.get((b[1], b[0]), 3))
     encoders = encoder_builds(builds)
     args = [(checkpoint, out / f"{level}-{target}", target, level, tokenizer, cache_len, prefill_lengths, source,

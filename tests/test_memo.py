@@ -1,0 +1,67 @@
+"""exporters.memo: a conversion runs once per distinct input (weights, plain attributes, sample inputs, signature
+names), a repeat is the same bytes as converting again, and with the memo off every call converts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from exporters import litert
+from exporters.memo import ENV, memoized
+
+
+class Scaled(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.linear, self.scale = nn.Linear(8, 4), scale
+
+    def forward(self, x):
+        return {"y": self.linear(x) * self.scale}
+
+
+def _signatures(module: nn.Module, name: str = "main", rows: int = 1):
+    return [(name, module.eval(), {"x": torch.zeros(rows, 8)})]
+
+
+def test_a_repeat_is_copied_and_any_change_converts_again(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV, str(tmp_path / "memo"))
+    runs = []
+
+    def convert(signatures):
+        def write(path):
+            runs.append(path.name)
+            path.write_bytes(f"conversion {len(runs)}".encode())
+
+        return write
+
+    torch.manual_seed(0)
+    module = Scaled(2.0)
+    for i, (sigs, hit) in enumerate([
+        (_signatures(module), False),
+        (_signatures(module), True),  # the same module again
+        (_signatures(Scaled(2.0)), False),  # other weights
+        (_signatures(module, "other"), False),  # another signature name
+        (_signatures(module, rows=2), False),  # another sample shape
+    ]):
+        before = len(runs)
+        path = memoized(sigs, "v1", tmp_path / f"out{i}.bin", convert(sigs))
+        assert (len(runs) == before) == hit, i
+        assert path.read_bytes() == (b"conversion 1" if hit else f"conversion {len(runs)}".encode())
+    module.scale = 3.0  # a plain attribute the forward reads
+    memoized(_signatures(module), "v1", tmp_path / "scale.bin", convert(None))
+    memoized(_signatures(module), "v2", tmp_path / "version.bin", convert(None))
+    assert runs[-2:] == ["scale.bin", "version.bin"]
+
+    monkeypatch.delenv(ENV)
+    memoized(_signatures(module), "v2", tmp_path / "off.bin", convert(None))
+    assert runs[-1] == "off.bin"
+
+
+def test_a_memoized_litert_conversion_equals_a_fresh_one(tmp_path, monkeypatch):
+    module = Scaled(0.5)
+    fresh = litert.convert(_signatures(module), tmp_path / "fresh.tflite").read_bytes()
+    monkeypatch.setenv(ENV, str(tmp_path / "memo"))
+    first = litert.convert(_signatures(module), tmp_path / "first.tflite").read_bytes()
+    copied = litert.convert(_signatures(module), tmp_path / "copied.tflite").read_bytes()
+    assert fresh == first == copied
+    assert len(list((tmp_path / "memo").glob("*.lock"))) == 1
