@@ -116,6 +116,8 @@ def run(options: Options) -> dict:
 def _process_rows(bench: Bench, only: set[str]) -> None:
     o, p, work = bench.options, bench.preset, bench.work
     quants = ("int8",) if o.quick else ("int8", "none")
+    # --quick lowers ExecuTorch float: its 8da8w lowering of even the 4-layer model took 6.5 of make long's minutes.
+    et = f"executorch {'none' if o.quick else '8da8w'}"
     threads, cache = str(o.threads), str(p.cache)
     ids = _distinct_ids(p.ple_prompt, p.config.vocab_size_per_layer_input)
     exports: dict[str, dict] = {}
@@ -135,10 +137,10 @@ def _process_rows(bench: Bench, only: set[str]) -> None:
             for who in ("ours", "export_hf"):
                 engine_job(f"ttft {n} {who}", exports[f"{who} int8"]["model"], n, 4)
     if only & {"ple", "transformers", "roofline"}:
-        ex = exports["executorch 8da8w"] = work.export("ours", "executorch", "8da8w")
+        ex = exports[et] = work.export("ours", "executorch", et.split()[1])
         pte = Path(ex["model"])
         ptd = pte.with_name("per_layer_embeddings.ptd")
-        bench.jobs["executorch 8da8w"] = (CHILD + ["executorch", str(pte), str(ptd), cache, str(p.prefill),
+        bench.jobs[et] = (CHILD + ["executorch", str(pte), str(ptd), cache, str(p.prefill),
                                                    str(p.decode), json.dumps(ids[: p.prefill])], ptd)
     if "ple" in only:
         ours = exports.get("ours int8") or work.export("ours", "litert", "int8-dynamic")
@@ -183,21 +185,20 @@ def _process_rows(bench: Bench, only: set[str]) -> None:
     if "roofline" in only:
         bandwidth = measured["bandwidth"]["bytes_per_s"]
         for key, quant in [(f"{who} {q}", q) for q in quants for who in ("ours", "export_hf")] + \
-                [("executorch 8da8w", "8da8w")]:
+                [(et, et.split()[1])]:
             per_token = decode_bytes(p.config, quant, p.cache)
             achieved = per_token * measured[key]["decode_tok_s"]
             bench.row("roofline", key, "share", achieved / 1e9, bandwidth / 1e9, "GB/s", achieved / bandwidth,
                       key.replace("ours", "engine, our .litertlm").replace("export_hf", "engine, export_hf .litertlm")
-                      .replace("executorch 8da8w", "our runtime, executorch 8da8w"), "memory read bandwidth",
+                      .replace(et, f"our runtime, {et}"), "memory read bandwidth",
                       goal_key=("roofline", "share") if quant != "none" else ("-", "-"),
                       note=f"{per_token / 1e6:.1f} MB per token")
     if "transformers" in only:
         candidates = {k: measured[k]["decode_tok_s"] for k in measured if k in
-                      {f"ours {q}" for q in quants} | {"executorch 8da8w"}}
+                      {f"ours {q}" for q in quants} | {et}}
         best = max(candidates, key=candidates.get)
         ref = measured["transformers"]["decode_tok_s"]
-        name = {"executorch 8da8w": "our runtime, executorch 8da8w"}.get(best, best.replace("ours", "engine, our "
-                                                                                                    ".litertlm"))
+        name = f"our runtime, {et}" if best == et else best.replace("ours", "engine, our .litertlm")
         bench.row("transformers", "best backend", "decode_tok_s", candidates[best], ref, "tok/s",
                   candidates[best] / ref, name, "transformers eager generate (float32)")
         for key, value in candidates.items():
@@ -291,7 +292,7 @@ def _kv_shared_rows(bench: Bench) -> None:
     o, p = bench.options, bench.preset
     o.progress("kv-shared prefill: torch, litert, executorch (log: run-kv-shared.log)")
     m = run_measured(CHILD + ["kv-shared", str(bench.work.checkpoint()), str(p.prefill), str(o.repeats),
-                              str(o.threads)], bench.work.folder / "run-kv-shared.log")
+                              str(o.threads), "1" if o.quick else "0"], bench.work.folder / "run-kv-shared.log")
     estimate = kv_shared_ceiling(p.config, p.prefill)
     for backend, seconds in json.loads(m["last"]).items():
         bench.row("kv-shared", backend, "speedup", seconds["kv_shared_s"] * 1e3, seconds["full_s"] * 1e3, "ms",

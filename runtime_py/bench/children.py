@@ -11,7 +11,7 @@ the last line of stdout.
                                                       then the share of the .ptd (the PLE table) resident
     transformers CHECKPOINT THREADS PREFILL DECODE    transformers' eager generate on the checkpoint, float32
     bandwidth THREADS                                 memory read bandwidth (runtime_py.bench.measure)
-    kv-shared CHECKPOINT PREFILL REPEATS THREADS      both prefill graphs per backend (runtime_py.bench.prefill)
+    kv-shared CHECKPOINT PREFILL REPEATS THREADS QUICK  both prefill graphs per backend (runtime_py.bench.prefill)
     encoders TINY ROWS REPEATS THREADS FOLDER         the encoder rows (runtime_py.bench.encoders)
 """
 
@@ -141,8 +141,10 @@ def bandwidth(threads: str) -> dict:
     return {"bytes_per_s": memory_bandwidth(int(threads))}
 
 
-def kv_shared(checkpoint: str, prefill: str, repeats: str, threads: str) -> dict:
-    """Both prefill graphs on torch, litert and executorch (runtime_py.bench.prefill): median seconds."""
+def kv_shared(checkpoint: str, prefill: str, repeats: str, threads: str, quick: str = "0") -> dict:
+    """Both prefill graphs on torch, litert and executorch (runtime_py.bench.prefill): median seconds. quick "1":
+    torch and litert only (ExecuTorch's lowering of the two prefill methods takes minutes even on the tiny model;
+    tests/test_kv_shared_prefill.py checks that graph)."""
     import torch
 
     from models.checkpoint import load_text_decoder
@@ -152,7 +154,7 @@ def kv_shared(checkpoint: str, prefill: str, repeats: str, threads: str) -> dict
     model = load_text_decoder(checkpoint, dtype=torch.float32).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, int(prefill)), generator=torch.Generator().manual_seed(0))
     out = {}
-    for backend in ("torch", "litert", "executorch"):
+    for backend in ("torch", "litert") if quick == "1" else ("torch", "litert", "executorch"):
         print(f"kv-shared prefill: {backend}", file=sys.stderr, flush=True)
         seconds = prefill_seconds(backend, model, ids, int(repeats))
         out[backend] = {"full_s": seconds[False], "kv_shared_s": seconds[True]}
@@ -172,9 +174,10 @@ def encoders(tiny: str, only: str, repeats: str, threads: str, folder: str) -> d
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
-    backends, rows, failures = ("torch", "litert", "executorch"), [], []
-    # The tiny encoders (--quick) are exported float only: int8 is the same path with another scheme, and each
-    # export of a whole model costs a minute.
+    # The tiny encoders (--quick) are exported to LiteRT, float only: int8 is the same path with another scheme, each
+    # export of a whole model costs minutes, and the shared multimodal bundles' tests run the ExecuTorch encoders.
+    backends = ("torch", "litert") if tiny == "1" else ("torch", "litert", "executorch")
+    rows, failures = [], []
     quants = ("none",) if tiny == "1" else ("none", "int8")
     wanted = tuple(e for e in ("vision", "audio") if e in only.split(","))
     sizes = (256,) if tiny == "1" else (256, 512, 768)
