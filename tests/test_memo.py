@@ -59,6 +59,7 @@ def test_a_repeat_is_copied_and_any_change_converts_again(tmp_path, monkeypatch)
 
 def test_a_memoized_litert_conversion_equals_a_fresh_one(tmp_path, monkeypatch):
     module = Scaled(0.5)
+    monkeypatch.delenv(ENV, raising=False)  # the test session's memo
     fresh = litert.convert(_signatures(module), tmp_path / "fresh.tflite").read_bytes()
     monkeypatch.setenv(ENV, str(tmp_path / "memo"))
     first = litert.convert(_signatures(module), tmp_path / "first.tflite").read_bytes()
