@@ -53,7 +53,7 @@ from contract.bundle import (
     VISION_ENCODER,
     vision_encoder_name,
 )
-from exporters.ple import quantize_rows_int8
+from exporters.ple import PerLayerEmbedder
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.encoders import (
     AudioEmbedder,
@@ -67,8 +67,6 @@ from models.errors import InputError
 from models.multimodal import Gemma3n
 from models.text import RMSNorm, TextDecoder, in_dtype
 from models.vision import Conv2dSame, RMSNorm2d, same_padding
-
-_PLE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class LinearHeadDecoder(TextDecoder):
@@ -224,31 +222,6 @@ class SoftTokenRows(nn.Module):
         else:
             out = self.embedder(inputs)
         return torch.cat([out, self.soft_token_rows.to(out.dtype)], dim=-1)
-
-
-class PerLayerEmbedder(nn.Module):
-    """token ids [1, T] -> per-layer rows [1, T, L, P] from the PLE table stored as `storage`: int8 rows with per-row
-    scales, or fp16/bf16/fp32 -- the same numbers that contract.ple.PleTable reads from the safetensors asset."""
-
-    def __init__(self, model: TextDecoder, storage: str):
-        super().__init__()
-        ple = model.per_layer_embedding
-        table = ple.weight.detach()
-        self.vocab, self.num_layers, self.dim = ple.vocab, ple.num_layers, ple.dim
-        self.scale = in_dtype(ple.scale, torch.float32)
-        if storage == "int8":
-            rows, row_scales = quantize_rows_int8(table)
-            self.register_buffer("ple_row_scales", row_scales[:, None].contiguous())
-        else:
-            rows, self.ple_row_scales = table.to(_PLE_DTYPES[storage]).contiguous(), None
-        self.register_buffer("ple_rows", rows)
-
-    def forward(self, token_ids: Tensor) -> Tensor:
-        ids = torch.where((token_ids >= 0) & (token_ids < self.vocab), token_ids, 0)
-        rows = F.embedding(ids, self.ple_rows).float()
-        if self.ple_row_scales is not None:
-            rows = rows * F.embedding(ids, self.ple_row_scales)
-        return (rows * self.scale).reshape(*token_ids.shape, self.num_layers, self.dim)
 
 
 def is_ple_constant(node: torch.fx.Node) -> str | None:

@@ -10,8 +10,8 @@ runs), and what this module writes:
   KV-shared optimisation returns [1,T,V]).
 - `embedder.tflite` (signature `embedder`) and `per_layer_embedder.tflite` (signature `per_layer_embedder`): the two
   table lookups, `token_ids [1,1] int32 -> embeddings`, which the engine runs per token on the CPU. The PLE table
-  lives only there; spec.ple_storage "int8" stores it int8 per row, read by a hybrid EMBEDDING_LOOKUP that scales
-  only the gathered rows (LOOKUP_RECIPE), anything else as float32.
+  lives only there; spec.ple_storage "int8" stores it int8 per row (PleLookup: converted as int8, never as a float
+  table), anything else as float32.
 - the tokenizer (SentencePiece) and LlmMetadata (model type gemma3n, BOS as start token, stop tokens, context length).
 
 A whole Gemma 3n (spec.encoders) adds its encoders as the sections LiteRT-LM's vision and audio executors load, in
@@ -81,6 +81,7 @@ from contract.bundle import (
     vision_signature,
 )
 from exporters.memo import memoized
+from exporters.ple import PerLayerEmbedder
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder
 from models.errors import InputError
@@ -183,6 +184,20 @@ class TableLookup(nn.Module):
             media = F.embedding((ids - offset).clamp(0, size - 1), getattr(self, f"media_rows_{i}"))
             rows = torch.where(owned.unsqueeze(-1), media, rows)
         return {"embeddings": rows}
+
+
+class PleLookup(nn.Module):
+    """One token id -> its per-layer rows [1, 1, L, P], from the PLE table as exporters.ple.PerLayerEmbedder stores
+    it: "int8" converts straight to int8 rows and per-row scales (an int8 EMBEDDING_LOOKUP, a CAST and the scale row's
+    MUL; the same numbers as the asset and the .ptd), so that no float32 copy of the table (8 GB on E2B, past
+    TFLite's 2 GB flatbuffer) is ever made; any other storage is float32."""
+
+    def __init__(self, model: TextDecoder, storage: str):
+        super().__init__()
+        self.rows = PerLayerEmbedder(model, "int8" if storage == "int8" else "fp32")
+
+    def forward(self, token_ids: Tensor):
+        return {"embeddings": self.rows(token_ids)}
 
 
 def decoder_sample_inputs(model: TextDecoder, tokens: int, cache_len: int) -> dict[str, Tensor]:
@@ -330,10 +345,10 @@ def convert_encoders(model: Gemma3n, spec: ExportSpec, work: Path) -> list[tuple
 # --- quantization (ai-edge-quantizer) --------------------------------------------------------------------------------
 
 
-# The lookup tables in int8 (embedder, per_layer_embedder): with the dynamic recipe EMBEDDING_LOOKUP reads the int8
-# rows and scales the rows it gathers; the weight-only recipe adds a DEQUANTIZE that the runtime evaluates once into a
-# float32 copy of the whole table (E2B-shaped model, 126 MB int8 PLE table: 600 MB resident instead of 6 MB). Same
-# values either way: per-row int8, no activation to quantize.
+# The token embedder's table in int8 (the PLE table is converted int8 directly: PleLookup): with the dynamic recipe
+# EMBEDDING_LOOKUP reads the int8 rows and scales the rows it gathers; the weight-only recipe adds a DEQUANTIZE that the
+# runtime evaluates once into a float32 copy of the whole table (E2B-shaped model, 126 MB int8 PLE table: 600 MB
+# resident instead of 6 MB). Same values either way: per-row int8, no activation to quantize.
 LOOKUP_RECIPE = "dynamic_wi8_afp32"
 
 
@@ -497,12 +512,10 @@ def export_litert(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str |
         convert_decoder(decoder, spec, work / DECODER_FILE)
         media = (whole.embed_vision, whole.embed_audio) if whole is not None else ()
         convert_lookup(TableLookup(decoder, "embed", media), "embedder", work / EMBEDDER_FILE)
-        convert_lookup(TableLookup(decoder, "per_layer_embedding"), "per_layer_embedder", work / PER_LAYER_EMBEDDER_FILE)
+        convert_lookup(PleLookup(decoder, spec.ple_storage), "per_layer_embedder", work / PER_LAYER_EMBEDDER_FILE)
         if spec.recipe:
             quantize(work / DECODER_FILE, spec.recipe, spec.block_size)
             quantize(work / EMBEDDER_FILE, LOOKUP_RECIPE if "wi8" in spec.recipe else spec.recipe, spec.block_size)
-        if spec.ple_storage == "int8":
-            quantize(work / PER_LAYER_EMBEDDER_FILE, LOOKUP_RECIPE)
         encoder_sections = convert_encoders(whole, spec, work) if spec.encoders else []
         if spec.encoder_recipe:
             for file, model_type in encoder_sections:

@@ -1,4 +1,5 @@
-"""Writes the PLE table as its standalone, memory-mappable asset (format and reader: contract/ple.py)."""
+"""The PLE table as the exporters store it: the rows of the standalone, memory-mappable asset (format and reader:
+contract/ple.py), and the lookup module that the LiteRT per_layer_embedder section and the ExecuTorch .ptd hold."""
 
 from __future__ import annotations
 
@@ -7,21 +8,53 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import Tensor, nn
 
 from contract.bundle import PLE_ASSET_FILE as FILE_NAME
 from contract.ple import FORMAT, METADATA_KEY
-from models.text import TextDecoder
+from models.text import TextDecoder, in_dtype
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def quantize_rows_int8(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: row ~= q * scale, scale = max|row| / 127."""
-    table = table.float()
-    scale = table.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(table / scale[:, None]).clamp(-127, 127).to(torch.int8)
+def quantize_rows_int8(table: torch.Tensor, block_rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: row ~= q * scale, scale = max|row| / 127. A block of rows at a time, so that the float32
+    temporaries stay small beside a bf16 table of billions of entries (E2B's PLE table: 8 GB in float32)."""
+    q = torch.empty(table.shape, dtype=torch.int8)
+    scale = torch.empty(table.shape[0], dtype=torch.float32)
+    for start in range(0, table.shape[0], block_rows):
+        block = table[start:start + block_rows].float()
+        s = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[start:start + block_rows] = torch.round(block / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[start:start + block_rows] = s
     return q, scale
+
+
+class PerLayerEmbedder(nn.Module):
+    """token ids [1, T] -> per-layer rows [1, T, L, P] from the PLE table stored as `storage`: int8 rows with per-row
+    scales, or fp16/bf16/fp32 -- the same numbers that contract.ple.PleTable reads from the safetensors asset."""
+
+    def __init__(self, model: TextDecoder, storage: str):
+        super().__init__()
+        ple = model.per_layer_embedding
+        table = ple.weight.detach()
+        self.vocab, self.num_layers, self.dim = ple.vocab, ple.num_layers, ple.dim
+        self.scale = in_dtype(ple.scale, torch.float32)
+        if storage == "int8":
+            rows, row_scales = quantize_rows_int8(table)
+            self.register_buffer("ple_row_scales", row_scales[:, None].contiguous())
+        else:
+            rows, self.ple_row_scales = table.to(_DTYPES[storage]).contiguous(), None
+        self.register_buffer("ple_rows", rows)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        ids = torch.where((token_ids >= 0) & (token_ids < self.vocab), token_ids, 0)
+        rows = F.embedding(ids, self.ple_rows).float()
+        if self.ple_row_scales is not None:
+            rows = rows * F.embedding(ids, self.ple_row_scales)
+        return (rows * self.scale).reshape(*token_ids.shape, self.num_layers, self.dim)
 
 
 def write_ple_table(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from contract.ple import PleTable
-from exporters.ple import write_ple_asset, write_ple_table
+from exporters.ple import quantize_rows_int8, write_ple_asset, write_ple_table
 from models.default import default_model
 from models.errors import InputError
 
@@ -78,3 +78,14 @@ def test_truncated_and_foreign_files_are_refused(model, tmp_path):
         PleTable(path)
     with pytest.raises(InputError, match="PLE asset missing"):
         PleTable(tmp_path / "nope.safetensors")
+
+
+def test_int8_rows_quantized_block_by_block_equal_the_whole_table_at_once():
+    """The row blocks that keep E2B's bf16 table from a float32 copy give the whole-table quantization's bytes."""
+    table = torch.randn(3000, 40, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    whole = table.float()
+    scale = whole.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(whole / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    for block in (1, 777, 3000, 8192):
+        got_q, got_scale = quantize_rows_int8(table, block)
+        assert torch.equal(got_q, q) and torch.equal(got_scale, scale), block
