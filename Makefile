@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SIGN_VENV ?= .venv-sign
 
-.PHONY: install run test long compare pins bench real-checkpoints clean
+.PHONY: install run test long compare pins bench real-checkpoints real-scale clean
 
 install: $(VENV)/.installed
 
@@ -77,6 +77,12 @@ bench: install
 # transformers for one forward pass; time and peak RSS of each step in out/real/checkpoints.md. Not in .ci/run.
 real-checkpoints: install
 	$(BIN)/python ci/real_checkpoints.py --out out/real
+
+# Real scale, step 2 (in progress: the cells that run today, ci/real_scale.py's CELLS): `g3n export` of those
+# checkpoints, each cell in a fresh process, with its time, peak RSS (whole process tree, and its anonymous part) and
+# bytes written, in out/real/real-scale.md. Half an hour or more a cell on 2 cores. Not in .ci/run.
+real-scale: real-checkpoints
+	$(BIN)/python ci/real_scale.py --out out/real
 
 clean:
 	rm -rf $(VENV) $(SIGN_VENV)

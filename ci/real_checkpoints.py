@@ -63,13 +63,20 @@ def main() -> int:
         row |= {"forward_s": round(m["seconds"]), "forward_peak_rss_mib": round(m["peak_rss_mib"])}
         row |= json.loads(m["last"])
         rows.append(row)
-    (args.out / "checkpoints.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_table(rows, args.out / "checkpoints")
+    return 0
+
+
+def write_table(rows: list[dict], stem: Path) -> None:
+    """rows as <stem>.json and as a Markdown table in <stem>.md (a column per key, in first-seen order; integers with
+    thousands separators), which is also printed."""
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     keys = list(dict.fromkeys(k for r in rows for k in r))
     md = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    md += "".join("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |\n" for r in rows)
-    (args.out / "checkpoints.md").write_text(md)
+    md += "".join("| " + " | ".join(f"{r[k]:,}" if type(r.get(k)) is int else str(r.get(k, "")) for k in keys)
+                  + " |\n" for r in rows)
+    stem.with_suffix(".md").write_text(md)
     print(md, end="")
-    return 0
 
 
 if __name__ == "__main__":

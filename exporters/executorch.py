@@ -136,6 +136,17 @@ def sharing_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def float32_(module: nn.Module) -> nn.Module:
+    """`module` cast to float32 with new Parameter objects: a copy's cast never writes into the caller's shared
+    Parameters (a bf16 checkpoint stays bf16), and a float32 tensor is kept as it is, not copied."""
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        return module.float()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+
+
 def export_decoder(model: TextDecoder, cache_len: int) -> LinearHeadDecoder:
     """The decoder half of `model` (no PLE table) with its KV cache set up. Shares the weights' storage with `model`:
     quantization replaces the copy's parameters and never writes into the caller's model."""
@@ -187,13 +198,12 @@ class TokenEmbedder(nn.Module):
 
     def __init__(self, model: TextDecoder, per_layer: "PerLayerEmbedder", media: dict[str, Tensor] | None):
         super().__init__()
-        self.embed_tokens, self.per_layer = model.embed_tokens, per_layer
-        self.scale = in_dtype(model.embed_scale, model.embed_tokens.weight.dtype)
-        dtype = model.embed_tokens.weight.dtype
+        self.embed_tokens, self.per_layer = float32_(sharing_copy(model.embed_tokens)), per_layer
+        self.scale = in_dtype(model.embed_scale, torch.float32)
         self.media = [] if media is None else [(int(media[f"{name}_first_id"][0]), f"{name}_media_rows")
                                                for name in ("vision", "audio")]
         for first, buffer in self.media:
-            self.register_buffer(buffer, media[buffer.replace("_media", "")].to(dtype))
+            self.register_buffer(buffer, media[buffer.replace("_media", "")].float())
 
     def forward(self, token_ids: Tensor) -> Tensor:
         embeds = self.embed_tokens(token_ids) * self.scale
@@ -241,8 +251,20 @@ def gelu_tanh(x: Tensor, approximate: str = "none") -> Tensor:
 # --- quantization ----------------------------------------------------------------------------------------------
 
 
-def quantize_decoder_(decoder: LinearHeadDecoder, spec: ExportSpec) -> None:
-    """torchao source transform of the decoder's Linears (LM head included) for spec.quant."""
+def float32_quantized_(decoder: LinearHeadDecoder, spec: ExportSpec) -> None:
+    """The decoder in float32, quantized for spec.quant, a layer at a time: beside a bf16 checkpoint only one layer
+    is ever float32 and unquantized (a whole E2B decoder is 8 GB in float32). The token embedding, which the graph
+    does not read (LinearHeadDecoder's head has its own Linear), is left in the checkpoint's dtype."""
+    for layer in decoder.layers:
+        quantize_decoder_(float32_(layer), spec)
+    for name, part in decoder.named_children():
+        if name not in ("layers", "embed_tokens"):
+            float32_(part)
+    quantize_decoder_(decoder, spec)  # the rest: the layers' Linears are quantized already, and left so
+
+
+def quantize_decoder_(decoder: nn.Module, spec: ExportSpec) -> None:
+    """torchao source transform of the Linears (of the decoder or a part of it: LM head included) for spec.quant."""
     if spec.quant == "none":
         return
     from torchao.quantization import quantize_
@@ -262,7 +284,7 @@ def quantize_decoder_(decoder: LinearHeadDecoder, spec: ExportSpec) -> None:
     def quantizable(module: nn.Module, fqn: str) -> bool:
         # AltUp's coefficient matrices are read as weights (clipped), never called as Linears; a grouped scheme
         # leaves Linears whose input does not divide into groups (PLE dim and LAuReL rank on tiny models) in float.
-        if not isinstance(module, nn.Linear) or fqn.endswith("_coefs"):
+        if not isinstance(module, nn.Linear) or fqn.endswith("_coefs") or type(module.weight.detach()) is not Tensor:
             return False
         return not grouped or module.in_features % group == 0
 
@@ -356,7 +378,7 @@ def _quantize_8da8w(program: torch.export.ExportedProgram, args: tuple) -> torch
 def encoder_program(embedder: nn.Module, args: tuple, recipe: str) -> torch.export.ExportedProgram:
     """One encoder (models.encoders' VisionEmbedder or AudioEmbedder) exported for XNNPACK, its weights quantized
     by `recipe` (spec.encoder_recipe: "", "int8wo" or "8da8w"). The caller's model is left as it is."""
-    embedder = sharing_copy(embedder).eval()
+    embedder = float32_(sharing_copy(embedder)).eval()
     swap_norms_(embedder)
     if recipe == "int8wo":
         # Depthwise convolutions stay in float: a few percent of the weights, and XNNPACK runs them only so.
@@ -376,8 +398,8 @@ def decoder_programs(model: TextDecoder, spec: ExportSpec) -> dict[str, torch.ex
     """text_decoder: the decoder over its KV-cache buffers, for 1 to cache_len tokens."""
     cfg = model.config
     decoder = export_decoder(model, spec.cache_len)
-    quantize_decoder_(decoder, spec)
-    width, dtype = cfg.hidden_size + cfg.num_layers * cfg.hidden_size_per_layer_input, model.embed_tokens.weight.dtype
+    float32_quantized_(decoder, spec)
+    width, dtype = cfg.hidden_size + cfg.num_layers * cfg.hidden_size_per_layer_input, torch.float32
 
     # Traced at 2 tokens (torch.export specialises a sample size of 1); a one-slot cache gets a fixed shape.
     T = min(2, spec.cache_len)

@@ -17,6 +17,8 @@ so they are not lowered: `media_token_embeddings` precomputes their rows for the
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -141,12 +143,13 @@ def audio_window_inputs(window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def media_token_embeddings(model: Gemma3n) -> dict[str, Tensor]:
     """Every hard-token id of the two embedders' vocabularies -> its embedding [n, H] in the text space, with the first
-    id of each range; the runtime substitutes these rows for those ids."""
+    id of each range; the runtime substitutes these rows for those ids. Computed in float32 whatever the model's dtype
+    (a copy of the small embedder), as the exporters compute everything else of a bf16 checkpoint."""
     out = {}
     with torch.no_grad():
         for name, embedder in (("vision", model.embed_vision), ("audio", model.embed_audio)):
             ids = torch.arange(embedder.vocab_offset, embedder.vocab_offset + embedder.vocab_size)[None]
-            out[f"{name}_rows"] = embedder.embed_ids(ids)[0].float().contiguous()
+            out[f"{name}_rows"] = copy.deepcopy(embedder).float().embed_ids(ids)[0].contiguous()
             out[f"{name}_first_id"] = torch.tensor([embedder.vocab_offset])
     return out
 

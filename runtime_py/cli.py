@@ -231,9 +231,10 @@ def _load(args):
     return load_text_decoder(args.checkpoint, dtype=_float32()), str(args.checkpoint)
 
 
-def _load_whole(args):
+def _load_whole(args, own_dtype: bool = False):
     """The model to lower: a whole Gemma3n (the embedded default, or a Gemma3nForConditionalGeneration checkpoint)
-    or a TextDecoder (a Gemma3nForCausalLM checkpoint, or --text-only)."""
+    or a TextDecoder (a Gemma3nForCausalLM checkpoint, or --text-only); in float32, or with own_dtype in the
+    checkpoint's own (for an exporter that casts a part at a time: a bf16 E2B is 22 GB in float32)."""
     from models import load_pretrained
     from models.default import default_gemma3n
     from models.multimodal import Gemma3n
@@ -244,7 +245,7 @@ def _load_whole(args):
         model, source = default_gemma3n(), "embedded default (tiny preset, deterministic weights)"
         model.hf_config = checkpoint_config(model)  # what its reference/ (or a sliced copy) is saved with
     else:
-        model, source = load_pretrained(args.checkpoint, dtype=_float32()), str(args.checkpoint)
+        model, source = load_pretrained(args.checkpoint, dtype=None if own_dtype else _float32()), str(args.checkpoint)
     if args.text_only and isinstance(model, Gemma3n):
         model = model.language_model
     return model, source
@@ -610,7 +611,7 @@ def cmd_export(args) -> int:
     from models.multimodal import Gemma3n
     from runtime_py.bundle import default_cache_len, output_to
 
-    model, source = _load_whole(args)
+    model, source = _load_whole(args, own_dtype=args.target == "executorch")
     whole = isinstance(model, Gemma3n)
     spec = ExportSpec(
         target=args.target,

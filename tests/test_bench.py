@@ -5,7 +5,9 @@ runs it) the whole command in --quick mode, so that it keeps working: every row 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import tempfile
 
 import pytest
 import torch
@@ -50,6 +52,15 @@ def test_interleaved_medians_and_process_tree_memory():
     seconds, outputs = interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
     assert calls == ["a", "b"] * 4 and outputs == {"a": 1, "b": 2} and set(seconds) == {"a", "b"}
     assert tree_rss_kib(os.getpid()) > 50_000  # this Python with torch loaded
+    # The anonymous part excludes mapped files' pages: a mapped file read through grows the one, not the other.
+    with tempfile.NamedTemporaryFile() as f:
+        f.truncate(64 << 20)
+        f.flush()
+        before = tree_rss_kib(os.getpid()), tree_rss_kib(os.getpid(), "RssAnon")
+        with open(f.name, "rb") as g, mmap.mmap(g.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            assert sum(m[i] for i in range(0, len(m), 4096)) == 0
+            after = tree_rss_kib(os.getpid()), tree_rss_kib(os.getpid(), "RssAnon")
+    assert after[0] - before[0] > 60_000 and abs(after[1] - before[1]) < 8_000
 
 
 @pytest.mark.parametrize("argv, fragment", [

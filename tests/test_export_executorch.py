@@ -226,3 +226,33 @@ def test_int8_weight_only_with_int8_ple(model, prompt, eager, float_export, tmp_
     print(f"int8-weight-only, int8 PLE: max |delta logit| vs float {error:.4f}, .pte {pte.stat().st_size:,} B "
           f"(float {float_export[1].stat().st_size:,} B)")
     assert error < 0.3
+
+
+@pytest.mark.parametrize("quant", ["none", "8da4w", "int8-weight-only"])
+def test_a_bf16_model_exports_as_its_float32_copy_would(model, quant):
+    """`g3n export --target executorch` keeps a bf16 checkpoint bf16 and casts a layer at a time (a float32 E2B does
+    not fit in 24 GB beside its conversion): the programs equal those of the float32 copy of the same bf16 weights,
+    which the CLI loaded before, output for output, and the caller's bf16 model is left as it was."""
+    from exporters.executorch import PerLayerEmbedder, decoder_programs, embedder_programs
+
+    bf16 = TextDecoder(SMALL)
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, assign=True)
+    bf16.init_buffers()
+    before = {k: v.clone() for k, v in bf16.state_dict().items()}
+    copy = TextDecoder(SMALL)
+    copy.load_state_dict({k: v.float() for k, v in before.items()}, assign=True)
+    copy.init_buffers()
+    spec = ExportSpec("executorch", cache_len=CACHE_LEN, prefill_lengths=(PROMPT_LEN,), quant=quant)
+    width = SMALL.hidden_size + SMALL.num_layers * SMALL.hidden_size_per_layer_input
+    x = torch.randn(1, 3, width, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[2, 17, SMALL.vocab_size - 1]])
+    outputs = []
+    for m in (bf16, copy):
+        per_layer = PerLayerEmbedder(m, "fp32")
+        programs = decoder_programs(m, spec) | embedder_programs(m, spec, per_layer, None)
+        outputs.append([p.module()(*args) for p, args in zip(programs.values(), [(x, torch.arange(3)), (ids,)])])
+    for ours, theirs in zip(*outputs):
+        assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+    after = bf16.state_dict()
+    assert all(after[k].dtype == torch.bfloat16 or not v.is_floating_point() for k, v in before.items())
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -31,8 +31,9 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
     return {key: statistics.median(ts) for key, ts in times.items()}, outputs
 
 
-def tree_rss_kib(root: int) -> int:
-    """Resident KiB of `root` and every descendant (converters spawn workers)."""
+def tree_rss_kib(root: int, field: str = "VmRSS") -> int:
+    """Resident KiB of `root` and every descendant (converters spawn workers); field "RssAnon": its anonymous part
+    alone, without the pages of mapped files (a checkpoint's safetensors, which the kernel can drop and read again)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -47,7 +48,7 @@ def tree_rss_kib(root: int) -> int:
         todo.extend(children.get(pid, []))
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1])
         except OSError:
             pass
@@ -55,16 +56,17 @@ def tree_rss_kib(root: int) -> int:
 
 
 def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Runs cmd (stderr to log); returns wall seconds, the peak RSS of its process tree (MiB, sampled every 0.1 s)
-    and its stdout's last line (the children print their result there as JSON)."""
+    """Runs cmd (stderr to log); returns wall seconds, the peak RSS of its process tree and the peak of its anonymous
+    part (MiB, sampled every 0.1 s) and its stdout's last line (the children print their result there as JSON)."""
     start = time.perf_counter()
     with open(log, "a") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, text=True, env=env)
-        peak = [0]
+        peak = [0, 0]
 
         def sample():
             while proc.poll() is None:
                 peak[0] = max(peak[0], tree_rss_kib(proc.pid))
+                peak[1] = max(peak[1], tree_rss_kib(proc.pid, "RssAnon"))
                 time.sleep(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -75,7 +77,8 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
         raise InputError(f"{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd[:5]))} ... failed "
                          f"(exit {proc.returncode}); see {log}")
     lines = stdout.strip().splitlines()
-    return {"seconds": time.perf_counter() - start, "peak_rss_mib": peak[0] / 1024, "last": lines[-1] if lines else ""}
+    return {"seconds": time.perf_counter() - start, "peak_rss_mib": peak[0] / 1024, "peak_anon_mib": peak[1] / 1024,
+            "last": lines[-1] if lines else ""}
 
 
 def memory_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
