@@ -14,7 +14,7 @@ import torch
 from contract.bundle import PTD_FILE, PTE_FILE
 from contract.ple import PleTable
 from exporters.executorch import export_decoder, export_executorch, quantize_decoder_
-from exporters.ple import write_ple_asset
+from exporters.ple import quantize_rows_int8, write_ple_asset
 from exporters.spec import EXPORT_RECORD, ExportSpec
 from models.config import TINY_4_LAYERS
 from models.errors import InputError
@@ -178,14 +178,17 @@ def test_ple_table_lives_in_the_ptd(model, float_export):
 
 
 def _eager_quantized(model, spec, prompt, tokens_in, ple_asset):
+    """The quantized program's numbers in eager PyTorch: the decoder quantized by torchao, the token embedding's rows
+    int8 (a quantized program's), the PLE rows the asset's."""
     decoder = export_decoder(model, CACHE_LEN)
     quantize_decoder_(decoder, spec)
+    q, scale = quantize_rows_int8(model.embed_tokens.weight.detach())
     with torch.no_grad():
         steps = [(prompt, torch.arange(PROMPT_LEN))]
         steps += [(torch.tensor([[t]]), torch.tensor([pos])) for pos, t in enumerate(tokens_in, start=PROMPT_LEN)]
-        rows = [model.per_layer_embedding(ids) if ple_asset is None else torch.from_numpy(ple_asset.rows(ids[0].numpy()))[None]
-                for ids, _ in steps]
-        return [decoder.forward_embeddings(model.embed(ids), r, pos, True)[0, -1] for (ids, pos), r in zip(steps, rows)]
+        rows = [torch.from_numpy(ple_asset.rows(ids[0].numpy()))[None] for ids, _ in steps]
+        embeds = [q[ids].float() * scale[ids][..., None] * model.embed_scale for ids, _ in steps]
+        return [decoder.forward_embeddings(e, r, pos, True)[0, -1] for e, r, (_, pos) in zip(embeds, rows, steps)]
 
 
 def test_refuses_other_targets_and_existing_outputs(model, tmp_path):
@@ -211,9 +214,8 @@ def test_int8_weight_only_with_int8_ple(model, prompt, eager, float_export, tmp_
     ptd_size = (pte.parent / PTD_FILE).stat().st_size
     table_int8 = SMALL.vocab_size_per_layer_input * SMALL.num_layers * SMALL.hidden_size_per_layer_input
     assert table_int8 <= ptd_size < table_int8 + 4 * SMALL.vocab_size_per_layer_input + 4096
-    # The Linears' weights are stored as int8 (the float token embedding, norms and AltUp coefficients are not):
-    # measured 0.63 of the float program on the tiny model, as small as 8da8w's.
-    assert pte.stat().st_size < 0.7 * float_export[1].stat().st_size
+    # The Linears' weights and the token embedding's rows are stored as int8 (norms and AltUp coefficients are not).
+    assert pte.stat().st_size < 0.5 * float_export[1].stat().st_size
     reference, tokens = _reference(eager)
     logits = _generate(program, prompt, tokens[:STEPS])
     # Against the same quantization run eagerly on the same int8 PLE rows: the lowering adds next to nothing
