@@ -233,9 +233,10 @@ def test_int8_weight_only_with_int8_ple(model, prompt, eager, float_export, tmp_
 @pytest.mark.parametrize("quant", ["none", "8da4w", "int8-weight-only"])
 def test_a_bf16_model_exports_as_its_float32_copy_would(model, quant):
     """`g3n export --target executorch` keeps a bf16 checkpoint bf16 and casts a layer at a time (a float32 E2B does
-    not fit in 24 GB beside its conversion): the programs equal those of the float32 copy of the same bf16 weights,
-    which the CLI loaded before, output for output, and the caller's bf16 model is left as it was."""
-    from exporters.executorch import PerLayerEmbedder, decoder_programs, embedder_programs
+    not fit in 24 GB beside its conversion): the modules it exports (decoder step, token embedding) equal those of
+    the float32 copy of the same bf16 weights, which the CLI loaded before, output for output, and the caller's bf16
+    model is left as it was. Eager, not traced: what differs is the casting, which torch.export does not touch."""
+    from exporters.executorch import DecoderStep, PerLayerEmbedder, TokenEmbedder, float32_quantized_
 
     bf16 = TextDecoder(SMALL)
     bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, assign=True)
@@ -250,9 +251,11 @@ def test_a_bf16_model_exports_as_its_float32_copy_would(model, quant):
     ids = torch.tensor([[2, 17, SMALL.vocab_size - 1]])
     outputs = []
     for m in (bf16, copy):
-        per_layer = PerLayerEmbedder(m, "fp32")
-        programs = decoder_programs(m, spec) | embedder_programs(m, spec, per_layer, None)
-        outputs.append([p.module()(*args) for p, args in zip(programs.values(), [(x, torch.arange(3)), (ids,)])])
+        decoder = export_decoder(m, CACHE_LEN)
+        float32_quantized_(decoder, spec)
+        embedder = TokenEmbedder(m, PerLayerEmbedder(m, "fp32"), None, int8=quant != "none")
+        with torch.no_grad():
+            outputs.append([DecoderStep(decoder, True)(x, torch.arange(3)), embedder(ids)])
     for ours, theirs in zip(*outputs):
         assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
     after = bf16.state_dict()
