@@ -9,7 +9,8 @@ same methods. With D = H + L x P (the hidden size, then the L layers' per-layer 
 
 token_embedding reads the PLE table, the one constant written to `per_layer_embeddings.ptd` (memory-mapped at run
 time), and gives a whole model's media ids the embedders' rows; a quantized program (--quant other than none) keeps
-the token embedding's rows int8 with a scale per row, as the PLE table's. text_decoder takes any number of tokens, as the runner
+the token embedding's rows int8 with a scale per row, as the PLE table's.
+text_decoder takes any number of tokens, as the runner
 calls it (one call per text, image or audio span, then one per generated token); measured on an E2B-shaped 280M
 model (cache 1024), it runs as fast as fixed-shape graphs did: decode 22.2 vs 22.6 ms, a 128-token prefill 106.6 vs
 106.2 ms. It writes the KV cache, the model's mutable buffers. Constant methods: those the runner reads
