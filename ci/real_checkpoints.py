@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime_py.bench.measure import run_measured  # noqa: E402
+from runtime_py.bench.report import write_table  # noqa: E402
 
 PROMPT = [2] + list(range(100, 110))  # <bos> and ten text ids (within the tiny vocabulary too)
 
@@ -65,18 +66,6 @@ def main() -> int:
         rows.append(row)
     write_table(rows, args.out / "checkpoints")
     return 0
-
-
-def write_table(rows: list[dict], stem: Path) -> None:
-    """rows as <stem>.json and as a Markdown table in <stem>.md (a column per key, in first-seen order; integers with
-    thousands separators), which is also printed."""
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    md = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    md += "".join("| " + " | ".join(f"{r[k]:,}" if type(r.get(k)) is int else str(r.get(k, "")) for k in keys)
-                  + " |\n" for r in rows)
-    stem.with_suffix(".md").write_text(md)
-    print(md, end="")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ci.real_checkpoints import write_table  # noqa: E402
 from models.errors import G3nError  # noqa: E402
 from runtime_py.bench.measure import run_measured  # noqa: E402
+from runtime_py.bench.report import write_table  # noqa: E402
 
 # (checkpoint preset, target, --quant, text only): the ones run by default, in order.
 CELLS = [

@@ -53,6 +53,7 @@ from contract.bundle import AUDIO_PACKAGE, COREML_WEIGHTS_DIR, DECODE, VISION_PA
 from contract.bundle import COREML_PACKAGE as PACKAGE_NAME
 from contract.bundle import prefill_name as prefill_function_name
 from contract.bundle import vision_encoder_name as vision_function_name
+from exporters import memo
 from exporters.ple import write_ple_asset
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.encoders import (
@@ -187,11 +188,33 @@ def convert_program(program: torch.export.ExportedProgram, outputs: list[ct.Tens
     )
 
 
+def convert_module(module: nn.Module, sample_args: tuple[Tensor, ...], output_name: str, output_dtype=None,
+                   prepare=lambda program: program) -> ct.models.MLModel:
+    """One function: the fixed-shape torch.export of `module` (`prepare` rewrites the program), converted with
+    convert_program. With the conversion memo on (exporters.memo), the same module converted again -- the float
+    functions of every compression level, the encoders of several bundles -- is a copy of the package converted
+    first, loaded without its MIL program (compress rebuilds it from the package, as for a fresh conversion)."""
+
+    def convert(path: Path | None = None) -> ct.models.MLModel:
+        with torch.no_grad():
+            program = torch.export.export(module.eval(), sample_args)
+        mlmodel = convert_program(prepare(program), [ct.TensorType(name=output_name, dtype=output_dtype)])
+        if path is not None:
+            mlmodel.save(str(path))
+        return mlmodel
+
+    if not memo.enabled():
+        return convert()
+    path = Path(tempfile.mkdtemp(prefix="g3n-coreml-", suffix=".mlpackage"))
+    path.rmdir()  # the memo copies a package into a path that does not exist yet
+    version = f"coremltools {ct.__version__} {output_name} {output_dtype}"
+    memo.memoized([(output_name, module, sample_args)], version, path, convert)
+    return ct.models.MLModel(str(path), skip_model_load=True, is_temp_package=True)
+
+
 def convert_step(model: TextDecoder, length: int, last_position_only: bool) -> ct.models.MLModel:
-    """One function: torch.export of the decoder step for `length` new tokens, converted with fp16 compute."""
-    with torch.no_grad():
-        program = torch.export.export(CoreMLStep(model, last_position_only), sample_inputs(model, length))
-    return convert_program(program, [ct.TensorType(name="logits")])
+    """One function: the decoder step for `length` new tokens, converted with fp16 compute."""
+    return convert_module(CoreMLStep(model, last_position_only), sample_inputs(model, length), "logits")
 
 
 def compression_config(recipe: str, block_size: int = 32,
@@ -331,10 +354,8 @@ def gather_without_bools(program: torch.export.ExportedProgram) -> torch.export.
 
 
 def convert_encoder(module: nn.Module, sample_args: tuple[Tensor, ...], output_name: str) -> ct.models.MLModel:
-    """One encoder function: its fixed-shape torch.export, fp16 compute, a float32 output named `output_name`."""
-    with torch.no_grad():
-        program = torch.export.export(module.eval(), sample_args)
-    return convert_program(gather_without_bools(program), [ct.TensorType(name=output_name, dtype=np.float32)])
+    """One encoder function: fp16 compute, a float32 output named `output_name`."""
+    return convert_module(module, sample_args, output_name, np.float32, gather_without_bools)
 
 
 def convert_encoder_packages(whole: Gemma3n | None, spec: ExportSpec) -> dict[str, tuple[dict, str]]:

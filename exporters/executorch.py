@@ -55,7 +55,7 @@ from contract.bundle import (
     VISION_ENCODER,
     vision_encoder_name,
 )
-from exporters.ple import PerLayerEmbedder, quantize_rows_int8
+from exporters.ple import PerLayerEmbedder, RowTable
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.encoders import (
     AudioEmbedder,
@@ -202,11 +202,8 @@ class TokenEmbedder(nn.Module):
                  int8: bool = False):
         super().__init__()
         self.per_layer = per_layer
-        table = model.embed_tokens.weight.detach()
         # int8 (a quantized program's): row-quantized as the PLE table, E2B's 2.1 GB float32 table then 0.54 GB.
-        rows, scales = quantize_rows_int8(table) if int8 else (table.float(), None)
-        self.register_buffer("token_rows", rows)
-        self.register_buffer("token_row_scales", None if scales is None else scales[:, None].contiguous())
+        self.token = RowTable(model.embed_tokens.weight.detach(), "int8" if int8 else "fp32")
         self.scale = in_dtype(model.embed_scale, torch.float32)
         self.media = [] if media is None else [(int(media[f"{name}_first_id"][0]), f"{name}_media_rows")
                                                for name in ("vision", "audio")]
@@ -214,10 +211,7 @@ class TokenEmbedder(nn.Module):
             self.register_buffer(buffer, media[buffer.replace("_media", "")].float())
 
     def forward(self, token_ids: Tensor) -> Tensor:
-        embeds = F.embedding(token_ids, self.token_rows).float()
-        if self.token_row_scales is not None:
-            embeds = embeds * F.embedding(token_ids, self.token_row_scales)
-        embeds = embeds * self.scale
+        embeds = self.token(token_ids) * self.scale
         for first, buffer in self.media:
             table = getattr(self, buffer)
             owned = (token_ids >= first) & (token_ids < first + table.shape[0])
@@ -247,7 +241,7 @@ class SoftTokenRows(nn.Module):
 
 def is_ple_constant(node: torch.fx.Node) -> str | None:
     """external_constants tag: the PLE table (rows and scales) goes to the .ptd, everything else stays in the .pte."""
-    return PLE_PTD_TAG if "ple_row" in node.name else None
+    return PLE_PTD_TAG if "ple_row" in node.name else None  # PerLayerEmbedder's ple.rows and ple.row_scales
 
 
 def gelu_tanh(x: Tensor, approximate: str = "none") -> Tensor:

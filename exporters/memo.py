@@ -96,9 +96,21 @@ def conversion_key(signatures: list[tuple[str, nn.Module, dict]], converter_vers
     return h.h.hexdigest()
 
 
+def enabled() -> bool:
+    return bool(os.environ.get(ENV))
+
+
+def _copy(source: Path, target: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copyfile(source, target)
+
+
 def memoized(signatures: list[tuple[str, nn.Module, dict]], converter_version: str, path: Path,
              convert: Callable[[Path], None]) -> Path:
-    """convert(path) writes the file; with the memo on, it runs only for a key not seen before."""
+    """convert(path) writes the file or folder (a Core ML package); with the memo on, it runs only for a key not seen
+    before. A folder is copied into a `path` that must not exist yet."""
     folder = os.environ.get(ENV)
     if not folder:
         convert(path)
@@ -109,11 +121,11 @@ def memoized(signatures: list[tuple[str, nn.Module, dict]], converter_version: s
     kept = folder / key
     with open(folder / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not kept.is_file():
+        if not kept.exists():
             convert(path)
             tmp = folder / f"{key}.{os.getpid()}.tmp"
-            shutil.copyfile(path, tmp)
+            _copy(path, tmp)
             os.replace(tmp, kept)
             return path
-    shutil.copyfile(kept, path)
+    _copy(kept, path)
     return path

@@ -32,29 +32,39 @@ def quantize_rows_int8(table: torch.Tensor, block_rows: int = 8192) -> tuple[tor
     return q, scale
 
 
+class RowTable(nn.Module):
+    """A lookup table as the exporters store one: ids -> float32 rows, from int8 rows with one scale per row
+    (`quantize_rows_int8`) or fp16/bf16/fp32 rows. The PLE table and a quantized program's token embedding."""
+
+    def __init__(self, table: Tensor, storage: str):
+        super().__init__()
+        if storage == "int8":
+            rows, row_scales = quantize_rows_int8(table)
+            self.register_buffer("row_scales", row_scales[:, None].contiguous())
+        else:
+            rows, self.row_scales = table.to(_DTYPES[storage]).contiguous(), None
+        self.register_buffer("rows", rows)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = F.embedding(ids, self.rows).float()
+        return rows if self.row_scales is None else rows * F.embedding(ids, self.row_scales)
+
+
 class PerLayerEmbedder(nn.Module):
     """token ids [1, T] -> per-layer rows [1, T, L, P] from the PLE table stored as `storage`: int8 rows with per-row
-    scales, or fp16/bf16/fp32 -- the same numbers that contract.ple.PleTable reads from the safetensors asset."""
+    scales, or fp16/bf16/fp32 -- the same numbers that contract.ple.PleTable reads from the safetensors asset. Its
+    constants are named ple.rows and ple.row_scales (exporters.executorch.is_ple_constant sends them to the .ptd)."""
 
     def __init__(self, model: TextDecoder, storage: str):
         super().__init__()
         ple = model.per_layer_embedding
-        table = ple.weight.detach()
         self.vocab, self.num_layers, self.dim = ple.vocab, ple.num_layers, ple.dim
         self.scale = in_dtype(ple.scale, torch.float32)
-        if storage == "int8":
-            rows, row_scales = quantize_rows_int8(table)
-            self.register_buffer("ple_row_scales", row_scales[:, None].contiguous())
-        else:
-            rows, self.ple_row_scales = table.to(_DTYPES[storage]).contiguous(), None
-        self.register_buffer("ple_rows", rows)
+        self.ple = RowTable(ple.weight.detach(), storage)
 
     def forward(self, token_ids: Tensor) -> Tensor:
         ids = torch.where((token_ids >= 0) & (token_ids < self.vocab), token_ids, 0)
-        rows = F.embedding(ids, self.ple_rows).float()
-        if self.ple_row_scales is not None:
-            rows = rows * F.embedding(ids, self.ple_row_scales)
-        return (rows * self.scale).reshape(*token_ids.shape, self.num_layers, self.dim)
+        return (self.ple(ids) * self.scale).reshape(*token_ids.shape, self.num_layers, self.dim)
 
 
 def write_ple_table(

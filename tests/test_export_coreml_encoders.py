@@ -210,15 +210,17 @@ def test_vision_sizes_share_one_copy_of_the_weights(whole, encoder_functions, fl
 
 @pytest.mark.heavy
 def test_export_coreml_writes_every_package_reproducibly_and_leaves_the_model(whole, float_dir, tmp_path):
-    """export_coreml of the decoder and the audio encoder (the vision encoder's second conversion would add a minute
-    and test the same package writer: the make run bundles' vision packages are byte-identical across processes)."""
+    """export_coreml of the decoder and the audio encoder gives the fixture's bytes. With the session's conversion
+    memo (exporters.memo) the functions are copies of the fixture's conversions, packed again; that two independent
+    conversions give the same bytes is tests/test_reproducible.py's check (two processes, memo off, every package of
+    the make run bundles)."""
     before = {k: v.clone() for k, v in whole.state_dict().items()}
     out = tmp_path / "out"
     package = export_coreml(whole, replace(SPEC, components=("decoder", "audio")), out)
     assert package == out / "model.mlpackage"
     assert sorted(p.name for p in out.iterdir()) == ["audio_encoder.mlpackage", EXPORT_RECORD, "model.mlpackage",
                                                      PLE_ASSET_FILE]
-    # A second, independent conversion gives the fixture's bytes.
+    # The fixture's bytes.
     for name in (AUDIO_PACKAGE,):
         files = sorted(p.relative_to(out / name) for p in (out / name).rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(float_dir / name) for p in (float_dir / name).rglob("*") if p.is_file())

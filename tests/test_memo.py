@@ -66,3 +66,29 @@ def test_a_memoized_litert_conversion_equals_a_fresh_one(tmp_path, monkeypatch):
     copied = litert.convert(_signatures(module), tmp_path / "copied.tflite").read_bytes()
     assert fresh == first == copied
     assert len(list((tmp_path / "memo").glob("*.lock"))) == 1
+
+
+def test_a_memoized_coreml_conversion_compresses_and_packs_as_a_fresh_one(tmp_path, monkeypatch):
+    """A memo hit is a package loaded back from disk (no MIL program in memory): compressed and packed, it gives the
+    bytes of a fresh conversion, and the first conversion into the memo does too."""
+    from exporters import coreml
+    from exporters.spec import ExportSpec
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)).eval()
+    spec = ExportSpec("coreml", quant="int8-per-channel")
+    sample = (torch.zeros(1, 64),)
+
+    def package(name: str) -> dict[str, bytes]:
+        functions = {"decode": coreml.convert_module(module, sample, "y")}
+        out = coreml.write_package(coreml.compress(functions, spec), tmp_path / name)
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    monkeypatch.delenv(ENV, raising=False)
+    fresh = package("fresh")
+    monkeypatch.setenv(ENV, str(tmp_path / "memo"))
+    first, copied = package("first"), package("copied")
+    assert fresh == first == copied
+    assert len(list((tmp_path / "memo").glob("*.lock"))) == 1
+    ops = coreml.op_counts(tmp_path / "copied" / coreml.PACKAGE_NAME)["decode"]
+    assert sum(n for op, n in ops.items() if op.startswith("constexpr_")) == 2, ops  # both weights int8

@@ -117,7 +117,8 @@ def _process_rows(bench: Bench, only: set[str]) -> None:
     o, p, work = bench.options, bench.preset, bench.work
     quants = ("int8",) if o.quick else ("int8", "none")
     # --quick lowers ExecuTorch float: its 8da8w lowering of even the 4-layer model took 6.5 of make long's minutes.
-    et = f"executorch {'none' if o.quick else '8da8w'}"
+    et_quant = "none" if o.quick else "8da8w"
+    et = f"executorch {et_quant}"
     threads, cache = str(o.threads), str(p.cache)
     ids = _distinct_ids(p.ple_prompt, p.config.vocab_size_per_layer_input)
     exports: dict[str, dict] = {}
@@ -137,7 +138,7 @@ def _process_rows(bench: Bench, only: set[str]) -> None:
             for who in ("ours", "export_hf"):
                 engine_job(f"ttft {n} {who}", exports[f"{who} int8"]["model"], n, 4)
     if only & {"ple", "transformers", "roofline"}:
-        ex = exports[et] = work.export("ours", "executorch", et.split()[1])
+        ex = exports[et] = work.export("ours", "executorch", et_quant)
         pte = Path(ex["model"])
         ptd = pte.with_name("per_layer_embeddings.ptd")
         bench.jobs[et] = (CHILD + ["executorch", str(pte), str(ptd), cache, str(p.prefill),
@@ -185,7 +186,7 @@ def _process_rows(bench: Bench, only: set[str]) -> None:
     if "roofline" in only:
         bandwidth = measured["bandwidth"]["bytes_per_s"]
         for key, quant in [(f"{who} {q}", q) for q in quants for who in ("ours", "export_hf")] + \
-                [(et, et.split()[1])]:
+                [(et, et_quant)]:
             per_token = decode_bytes(p.config, quant, p.cache)
             achieved = per_token * measured[key]["decode_tok_s"]
             bench.row("roofline", key, "share", achieved / 1e9, bandwidth / 1e9, "GB/s", achieved / bandwidth,

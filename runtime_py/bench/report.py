@@ -1,5 +1,5 @@
 """The bench's report: bench.json (every row and the raw medians), bench.md (printed) and bench.png (each row's
-ratio against its goal)."""
+ratio against its goal); and the real-scale scripts' tables."""
 
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['row']} | {r['case']} | {r['measure']} | {r['contender']}: {ours} | {r['against']}: "
                      f"{reference} | {ratio} | {goal} | {met} | {r['note']} |")
     return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], stem: Path) -> None:
+    """The real-scale scripts' tables (ci/real_checkpoints.py, ci/real_scale.py): rows as <stem>.json and as a
+    Markdown table in <stem>.md (a column per key, in first-seen order; integers with thousands separators), which is
+    also printed."""
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    md = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    md += "".join("| " + " | ".join(f"{r[k]:,}" if type(r.get(k)) is int else str(r.get(k, "")) for k in keys)
+                  + " |\n" for r in rows)
+    stem.with_suffix(".md").write_text(md)
+    print(md, end="")
 
 
 def write(result: dict, folder: Path) -> str:
