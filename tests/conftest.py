@@ -193,11 +193,7 @@ def multimodal_bundles(tmp_path_factory):
 
 # The files whose conversions take minutes start first, so that no worker is left with one of them at the end; the
 # first ones need no shared bundle, so the workers convert while the controller builds those (pytest_sessionstart).
-# make long's two longest tests lead (the two-process rebuild, 15 minutes, and the quick bench, 10), so that its
-# --dist load workers then share the config sweep's dozen exports; last, the rebuild ran alone with one core idle
-# for most of its 15 minutes. In make test those two files hold only quick tests.
-SLOW_FIRST = ("test_reproducible.py", "test_bench.py",
-              "test_export_litert_encoders.py", "test_export_executorch.py", "test_export_coreml_encoders.py",
+SLOW_FIRST = ("test_export_litert_encoders.py", "test_export_executorch.py", "test_export_coreml_encoders.py",
               "test_export_coreml.py", "test_vision.py", "test_export_litert.py", "test_compare.py", "test_bundle.py",
               "test_export_executorch_encoders.py", "test_multimodal_runtime.py", "test_harness.py")
 # Quick files that need both shared bundle sets: last, when both are built, so that no worker idles on their locks.
