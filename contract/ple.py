@@ -4,8 +4,11 @@ On E2B the PLE table holds 2.0B of 5.4B parameters. It never enters an accelerat
 and copy out only the rows of the tokens in use, then feed them to the decoder graph as `per_layer_rows`.
 
 Layout: tensor `weight` [V_ple, L * P] (int8, fp16, bf16 or fp32) and, for int8, `scale` [V_ple] fp32 with
-row = weight[id] * scale[id] (symmetric, per row). The reader multiplies by `embed_scale` (sqrt(P)), as the model
-does. Metadata (one JSON entry) records the storage and the shapes; the header is JSON, never a pickle.
+row = weight[id] * scale[id] (symmetric, per row). int4: `weight` [V_ple, L * P / 2] int8, two values per byte
+(byte j of a row holds element 2j as its value mod 16, minus 8, and element 2j+1 as floor(byte / 16)), and `scale`
+[V_ple, L] fp32, one per row and layer: row[l, p] = q[l * P + p] * scale[id, l]. The reader multiplies by
+`embed_scale` (sqrt(P)), as the model does. Metadata (one JSON entry) records the storage and the shapes; the
+header is JSON, never a pickle.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ class PleTable:
         if self.text_vocab_size < self.vocab_size or not np.isfinite(self.embed_scale):
             raise InputError(f"{self.path}: PLE metadata inconsistent (text_vocab_size {self.text_vocab_size} < "
                              f"vocab_size {self.vocab_size}, or embed_scale {self.embed_scale} not finite)")
+        packed = 2 if self.storage == "int4" else 1
+        if self.dim % packed:
+            raise InputError(f"{self.path}: PLE metadata dim {self.dim} is odd; int4 rows pack two values per byte")
         self.weight = _map(self.path, tensors, "weight", _STORAGE_DTYPE[self.storage], data_start,
-                           (self.vocab_size, self.num_layers * self.dim))
-        self.scale = (
-            _map(self.path, tensors, "scale", "F32", data_start, (self.vocab_size,)) if self.storage == "int8" else None
-        )
+                           (self.vocab_size, self.num_layers * self.dim // packed))
+        scale_shape = {"int8": (self.vocab_size,), "int4": (self.vocab_size, self.num_layers)}.get(self.storage)
+        self.scale = None if scale_shape is None else _map(self.path, tensors, "scale", "F32", data_start, scale_shape)
 
     def rows(self, token_ids) -> np.ndarray:
         """token ids [T] -> float32 [T, L, P]. Ids of the text vocabulary beyond the PLE table (multimodal soft
@@ -62,15 +67,18 @@ class PleTable:
         raw = self.weight[ids]
         if self.storage == "bf16":
             rows = (raw.astype(np.uint32) << 16).view(np.float32)
+        elif self.storage == "int4":
+            b = raw.astype(np.int16)
+            rows = np.stack(((b & 15) - 8, b >> 4), axis=-1).astype(np.float32)  # >> on a signed int: floor(b / 16)
         else:
             rows = raw.astype(np.float32)
+        rows = rows.reshape(len(ids), self.num_layers, self.dim)
         if self.scale is not None:
-            rows = rows * self.scale[ids].astype(np.float32)[:, None]
-        rows = rows * np.float32(self.embed_scale)
-        return rows.reshape(len(ids), self.num_layers, self.dim)
+            rows = rows * self.scale[ids].astype(np.float32).reshape(len(ids), -1, 1)
+        return rows * np.float32(self.embed_scale)
 
 
-_STORAGE_DTYPE = {"int8": "I8", "fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+_STORAGE_DTYPE = {"int8": "I8", "int4": "I8", "fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 
 
 def _meta(path: Path, meta: dict, key: str, kind: type):

@@ -192,6 +192,16 @@ class DecoderStep(nn.Module):
                                                self.last_position_only)
 
 
+def token_storage(quant: str, width: int, block_size: int) -> tuple[str, int]:
+    """(RowTable storage, scale groups per row) of the token embedding in a program of scheme `quant`: float32 in a
+    float program, int4 in blocks of `block_size` at 8da4w when the width splits so, else int8 per row."""
+    if quant == "none":
+        return "fp32", 1
+    if quant == "8da4w" and width % block_size == 0 and block_size % 2 == 0:
+        return "int4", width // block_size
+    return "int8", 1
+
+
 class TokenEmbedder(nn.Module):
     """token ids [1, T] -> [1, T, H + L*P]: TextDecoder.embed and the per-layer rows side by side, the one tensor the
     LLM runner passes from token_embedding to text_decoder. A whole model's media ids (the embedders' own
@@ -199,11 +209,14 @@ class TokenEmbedder(nn.Module):
     Gemma3n.embed_prompt embeds them."""
 
     def __init__(self, model: TextDecoder, per_layer: "PerLayerEmbedder", media: dict[str, Tensor] | None,
-                 int8: bool = False):
+                 quant: str = "none", block_size: int = 32):
         super().__init__()
         self.per_layer = per_layer
-        # int8 (a quantized program's): row-quantized as the PLE table, E2B's 2.1 GB float32 table then 0.54 GB.
-        self.token = RowTable(model.embed_tokens.weight.detach(), "int8" if int8 else "fp32")
+        # A quantized program's table is row-quantized as the PLE table: E2B's 2.1 GB float32 table is 0.54 GB in
+        # int8, 0.27 GB (and 1/8 of that in scales) in int4 blocks of the weights' block size at 8da4w.
+        table = model.embed_tokens.weight.detach()
+        storage, groups = token_storage(quant, table.shape[1], block_size)
+        self.token = RowTable(table, storage, groups)
         self.scale = in_dtype(model.embed_scale, torch.float32)
         self.media = [] if media is None else [(int(media[f"{name}_first_id"][0]), f"{name}_media_rows")
                                                for name in ("vision", "audio")]
@@ -423,7 +436,7 @@ def embedder_programs(model: TextDecoder, spec: ExportSpec, per_layer: PerLayerE
     longest = spec.cache_len
     ids = torch.zeros(1, min(2, longest), dtype=torch.long)
     dynamic = ({1: torch.export.Dim("tokens", min=1, max=longest)},) if longest > 1 else None
-    embedder = TokenEmbedder(model, per_layer, media, int8=spec.quant != "none")
+    embedder = TokenEmbedder(model, per_layer, media, spec.quant, spec.block_size)
     with torch.no_grad():
         return {TOKEN_EMBEDDING: torch.export.export(embedder, (ids,), dynamic_shapes=dynamic)}
 

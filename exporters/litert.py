@@ -10,8 +10,8 @@ runs), and what this module writes:
   KV-shared optimisation returns [1,T,V]).
 - `embedder.tflite` (signature `embedder`) and `per_layer_embedder.tflite` (signature `per_layer_embedder`): the two
   table lookups, `token_ids [1,1] int32 -> embeddings`, which the engine runs per token on the CPU. The PLE table
-  lives only there; spec.ple_storage "int8" stores it int8 per row (PleLookup: converted as int8, never as a float
-  table), anything else as float32.
+  lives only there; spec.ple_storage "int8" / "int4" stores it so (PleLookup: converted as int8 bytes, never as a
+  float table), anything else as float32.
 - the tokenizer (SentencePiece) and LlmMetadata (model type gemma3n, BOS as start token, stop tokens, context length).
 
 A whole Gemma 3n (spec.encoders) adds its encoders as the sections LiteRT-LM's vision and audio executors load, in
@@ -81,7 +81,7 @@ from contract.bundle import (
     vision_signature,
 )
 from exporters.memo import memoized
-from exporters.ple import PerLayerEmbedder
+from exporters.ple import QUANTIZED, PerLayerEmbedder
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder
 from models.errors import InputError
@@ -188,13 +188,13 @@ class TableLookup(nn.Module):
 
 class PleLookup(nn.Module):
     """One token id -> its per-layer rows [1, 1, L, P], from the PLE table as exporters.ple.PerLayerEmbedder stores
-    it: "int8" converts straight to int8 rows and per-row scales (an int8 EMBEDDING_LOOKUP, a CAST and the scale row's
-    MUL; the same numbers as the asset and the .ptd), so that no float32 copy of the table (8 GB on E2B, past
-    TFLite's 2 GB flatbuffer) is ever made; any other storage is float32."""
+    it: "int8" and "int4" convert straight to int8 bytes and scales (an int8 EMBEDDING_LOOKUP, a CAST and the scale
+    row's MUL, int4's unpacking between them; the same numbers as the asset and the .ptd), so that no float32 copy of
+    the table (8 GB on E2B, past TFLite's 2 GB flatbuffer) is ever made; any other storage is float32."""
 
     def __init__(self, model: TextDecoder, storage: str):
         super().__init__()
-        self.rows = PerLayerEmbedder(model, "int8" if storage == "int8" else "fp32")
+        self.rows = PerLayerEmbedder(model, storage if storage in QUANTIZED else "fp32")
 
     def forward(self, token_ids: Tensor):
         return {"embeddings": self.rows(token_ids)}

@@ -47,7 +47,7 @@ ENCODER_QUANT_SCHEMES: dict[str, dict[str, str]] = {
     "coreml": {"none": "", "int8-per-channel": "linear_quantize_int8_per_channel"},
 }
 
-PLE_STORAGE = ("int8", "fp16", "bf16", "fp32")
+PLE_STORAGE = ("int8", "int4", "fp16", "bf16", "fp32")
 COMPONENTS = ("decoder", "vision", "audio")  # the encoders need a whole Gemma3n model
 IMAGE_SIZES = (256, 512, 768)
 

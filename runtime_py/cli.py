@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
     p.add_argument("--cache-len", type=int, help="static KV-cache length (default: as g3n bundle)")
     p.add_argument("--prefill-lengths", default="32", help="fixed prefill lengths: T1,T2,...")
-    p.add_argument("--ple-storage", default="int8", help="PLE asset storage: int8, fp16, bf16 or fp32")
+    p.add_argument("--ple-storage", default="int8", help="PLE table storage: int8, int4, fp16, bf16 or fp32")
     p.add_argument("--full-prefill", action="store_true",
                    help="run KV-shared layers on every prompt position (unoptimised; for comparison)")
     p.add_argument("--log", type=Path, help="file for the converters' output (default: <out>.log beside --out)")

@@ -253,7 +253,7 @@ def test_a_bf16_model_exports_as_its_float32_copy_would(model, quant):
     for m in (bf16, copy):
         decoder = export_decoder(m, CACHE_LEN)
         float32_quantized_(decoder, spec)
-        embedder = TokenEmbedder(m, PerLayerEmbedder(m, "fp32"), None, int8=quant != "none")
+        embedder = TokenEmbedder(m, PerLayerEmbedder(m, "fp32"), None, quant)
         with torch.no_grad():
             outputs.append([DecoderStep(decoder, True)(x, torch.arange(3)), embedder(ids)])
     for ours, theirs in zip(*outputs):

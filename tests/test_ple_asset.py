@@ -5,12 +5,20 @@ import pytest
 import torch
 
 from contract.ple import PleTable
-from exporters.ple import quantize_rows_int8, write_ple_asset, write_ple_table
+from exporters.ple import (
+    PerLayerEmbedder,
+    quantize_rows_int4,
+    quantize_rows_int8,
+    unpack_int4,
+    write_ple_asset,
+    write_ple_table,
+)
 from models.default import default_model
 from models.errors import InputError
 
 # int8 with per-row scales: each value is off by at most half a step, scale / 2 = max|row| / 254, times sqrt(P).
 INT8_REL_TOL = 1 / 254
+INT4_REL_TOL = 1 / 14  # int4: max|row and layer| / 14, at most the row's maximum / 14
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +31,8 @@ def _ids(model):
     return torch.tensor([[0, 5, 17, 319, 320, 383]])
 
 
-@pytest.mark.parametrize("storage, tol", [("fp32", 0.0), ("bf16", 2**-8), ("fp16", 2**-11), ("int8", INT8_REL_TOL)])
+@pytest.mark.parametrize("storage, tol", [("fp32", 0.0), ("bf16", 2**-8), ("fp16", 2**-11), ("int8", INT8_REL_TOL),
+                                          ("int4", INT4_REL_TOL)])
 def test_rows_equal_the_model_lookup(model, tmp_path, storage, tol):
     table = PleTable(write_ple_asset(model, tmp_path, storage))
     ids = _ids(model)
@@ -89,3 +98,54 @@ def test_int8_rows_quantized_block_by_block_equal_the_whole_table_at_once():
     for block in (1, 777, 3000, 8192):
         got_q, got_scale = quantize_rows_int8(table, block)
         assert torch.equal(got_q, q) and torch.equal(got_scale, scale), block
+
+
+def test_int4_rows_quantized_block_by_block_equal_the_whole_table_at_once():
+    """int4 packs two values per byte with a scale per row and layer; blocks of rows give the same bytes, and each
+    value is off by at most half a step of its own group."""
+    table = torch.randn(3000, 4 * 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    packed, scales = quantize_rows_int4(table, groups=4)
+    assert packed.shape == (3000, 128) and packed.dtype == torch.int8 and scales.shape == (3000, 4)
+    for block in (1, 777, 3000):
+        got_packed, got_scales = quantize_rows_int4(table, 4, block)
+        assert torch.equal(got_packed, packed) and torch.equal(got_scales, scales), block
+    q = unpack_int4(packed)
+    assert q.min() >= -7 and q.max() <= 7 and torch.equal(q, torch.round(q))
+    values = (q.unflatten(1, (4, 64)) * scales[..., None]).flatten(1)
+    assert torch.all((values - table.float()).abs() <= scales.repeat_interleave(64, dim=1) / 2 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("target", ["litert", "executorch"])
+@pytest.mark.parametrize("storage", ["int8", "int4"])
+def test_lowered_lookups_read_the_assets_numbers(model, tmp_path, target, storage):
+    """The per-layer lookup as each exporter lowers it (LiteRT's per_layer_embedder section, ExecuTorch's portable
+    embedding over the .ptd) gives the rows that the safetensors asset gives, for the quantized storages that keep
+    the table out of float32 (int4: unpacked in the graph with float arithmetic)."""
+    from exporters.litert import PleLookup, convert_lookup
+
+    ids = _ids(model)
+    expected = PleTable(write_ple_asset(model, tmp_path, storage)).rows(ids[0].numpy())
+    if target == "litert":
+        from runtime_py.executors.litert_executor import load_interpreter
+
+        path = convert_lookup(PleLookup(model, storage), "per_layer_embedder", tmp_path / "ple.tflite")
+        runner = load_interpreter(path, 1).get_signature_runner("per_layer_embedder")
+        got = np.concatenate([runner(token_ids=np.array([[i]], dtype=np.int32))["embeddings"][0] for i in ids[0]])
+    else:
+        from executorch.runtime import Runtime
+
+        from contract.bundle import PTD_FILE
+        from exporters.executorch import lower
+
+        with torch.no_grad():
+            program = torch.export.export(PerLayerEmbedder(model, storage), (ids,))
+        lowered = lower({"per_layer_embedding": program}, {})
+        (tmp_path / "ple.pte").write_bytes(lowered.buffer)
+        lowered.write_tensor_data_to_file(str(tmp_path))
+        cfg = model.config
+        table_bytes = cfg.vocab_size_per_layer_input * cfg.num_layers * cfg.hidden_size_per_layer_input
+        assert (tmp_path / PTD_FILE).stat().st_size >= table_bytes // (2 if storage == "int4" else 1)  # in the .ptd
+        loaded = Runtime.get().load_program(tmp_path / "ple.pte", data_path=tmp_path / PTD_FILE)
+        got = loaded.load_method("per_layer_embedding").execute([ids])[0][0].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+

@@ -73,6 +73,7 @@ class Bench:
     rows: list[dict] = field(default_factory=list)
     details: dict = field(default_factory=dict)
     jobs: dict = field(default_factory=dict)  # key -> (cmd, file to evict from the page cache first or None)
+    encoder_env: dict | None = None  # the encoder rows' child's environment (None: this process's)
 
     def row(self, row: str, case: str, measure: str, ours: float, reference: float, unit: str, ratio: float,
             contender: str, against: str, goal_key: tuple | None = None, note: str = "") -> None:
@@ -89,10 +90,12 @@ def run(options: Options) -> dict:
         raise InputError(f"--only: unknown row {unknown[0]!r} (rows: {', '.join(ROWS)})")
     if options.repeats < 1 or options.threads < 1:
         raise InputError("--repeats and --threads: expected positive numbers")
-    # Every export is timed as a user's would run: never a copy from a conversion memo (exporters.memo).
-    os.environ.pop(memo.ENV, None)
+    # Every export is timed as a user's would run: never a copy from a conversion memo (exporters.memo). --quick's
+    # encoder rows time no export, so their child keeps the memo (in CI: the encoder tests' sections, copied).
+    memo_folder = os.environ.pop(memo.ENV, None)
     preset = PRESETS["tiny" if options.quick else options.preset]
     bench = Bench(options, preset, Work(options.work, preset, options.checkpoint, options.progress))
+    bench.encoder_env = {**os.environ, memo.ENV: memo_folder} if options.quick and memo_folder else None
     t0 = time.perf_counter()
     only = set(options.only)
     if only & {"litertlm", "ttft", "roofline", "transformers", "slice", "ple"}:
@@ -308,7 +311,8 @@ def _encoder_rows(bench: Bench, only: set[str]) -> None:
     rows = ",".join(r for r in ("vision", "audio") if r in only)
     o.progress(f"encoders: {rows} (log: run-encoders.log)")
     m = run_measured(CHILD + ["encoders", "1" if o.quick else "0", rows, str(o.repeats), str(o.threads),
-                              str(bench.work.folder / "encoders")], bench.work.folder / "run-encoders.log")
+                              str(bench.work.folder / "encoders")], bench.work.folder / "run-encoders.log",
+                     bench.encoder_env)
     result = json.loads(m["last"])
     measured, failures = result["rows"], result["failures"]
     bench.details["encoders"] = {"rows": measured, "failures": failures, "peak_rss_mib": m["peak_rss_mib"],

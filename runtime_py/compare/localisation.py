@@ -72,6 +72,7 @@ def localise_bundle(job, bundle: Path, manifest: dict, backend: str, reference: 
     import tempfile
 
     from exporters.spec import ExportSpec
+    from runtime_py.bundle import output_to
     from runtime_py.compare.debug_export import export_debug, open_debug
 
     spec_dict = dict(manifest["export_spec"])
@@ -82,7 +83,9 @@ def localise_bundle(job, bundle: Path, manifest: dict, backend: str, reference: 
     if key not in cache:
         folder = (Path(job.debug_dir) / f"{spec.target}-{manifest['quantization']['level']}" if job.debug_dir
                   else Path(tempfile.mkdtemp(prefix="g3n-debug-")))
-        path = export_debug(reference.model, spec, folder)
+        # The converters' output goes to a log beside the debug export, as g3n export's does.
+        with output_to(folder.parent / f"{folder.name}.log"):
+            path = export_debug(reference.model, spec, folder)
         cache[key] = (path, open_debug(path, reference.model, spec, job.threads))
     path, debug_executor = cache[key]
     result = localise(reference, debug_executor, prompt_ids, job.steps, ref_tokens[:-1], limits, lookups, media_rows)
