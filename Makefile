@@ -80,9 +80,11 @@ real-checkpoints: install
 
 # Real scale, step 2 (in progress: the cells that run today, ci/real_scale.py's CELLS): `g3n export` of those
 # checkpoints, each cell in a fresh process, with its time, peak RSS (whole process tree, and its anonymous part) and
-# bytes written, in out/real/real-scale.md. Half an hour or more a cell on 2 cores. Not in .ci/run.
+# bytes written, in out/real/real-scale.md. Half an hour or more a cell on 2 cores. Then the PLE table alone at int8
+# and int4 (ci/real_ple.py: bytes, write time, error of random rows against bf16; out/real/real-ple.md). Not in .ci/run.
 real-scale: real-checkpoints
 	$(BIN)/python ci/real_scale.py --out out/real
+	$(BIN)/python ci/real_ple.py --out out/real
 
 clean:
 	rm -rf $(VENV) $(SIGN_VENV)

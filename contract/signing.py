@@ -85,8 +85,15 @@ def verify_signature(folder: Path, public_key: Path, flag: str = "--key") -> Non
     ok, last = _run([signing_tool(), "verify", "key", str(folder), "--public_key", str(key),
                      "--signature", str(folder / SIGNATURE_FILE)])
     if not ok:
-        # model-signing's message lists digests as Python bytes; the file names are what a reader needs.
-        what = re.findall(r"(Hash mismatch for '[^']*'|Extra files found in model '[^']*': [^\]\"]*"
-                          r"|Missing files[^\]\"]*)", last)
+        what = mismatches(last)
         raise InputError(f"{folder / SIGNATURE_FILE}: does not verify with {public_key}: "
                          f"{'; '.join(what) if what else last[:300]}")
+
+
+def mismatches(message: str) -> list[str]:
+    """The files named by model-signing's verification message, whose digests come as Python bytes: what a reader
+    needs. The message is a list's repr, so a line whose digest bytes hold both kinds of quote has its quotes
+    backslash-escaped."""
+    unescaped = re.sub(r"\\+'", "'", message)
+    return re.findall(r"(Hash mismatch for '[^']*'|Extra files found in model '[^']*': [^\]\"]*"
+                      r"|Missing files[^\]\"]*)", unescaped)

@@ -13,6 +13,7 @@ import pytest
 from conftest import assert_one_error_line, run_cli
 
 from contract.bundle import MANIFEST, REFERENCE_DIR, SIGNATURE_FILE
+from contract.signing import mismatches
 
 
 def _key_pair(folder: Path, name: str) -> tuple[Path, Path]:
@@ -138,3 +139,13 @@ def test_bad_keys_are_refused_before_any_work(capsys, bundle, tmp_path):
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     code, _, err = run_cli(capsys, "verify", "--bundle", tmp_path / "nothing-here")
     assert_one_error_line(code, err, "--bundle", "nothing-here", MANIFEST)
+
+
+def test_a_mismatch_is_named_whatever_bytes_its_digests_hold():
+    """model-signing reports a changed file inside a list's repr: when the digest's bytes hold both kinds of quote,
+    every quote of that line comes backslash-escaped (seen in CI), and the file must still be named."""
+    digest = repr(b"\x16'\"\xcd")
+    for digests in (digest, repr(b"\x16\xcd")):
+        diffs = [f"Hash mismatch for 'manifest.json': Expected 'Digest(digest_value={digests})', Actual '...'"]
+        assert mismatches(f"Verification failed with error: {ValueError(diffs)}") == [
+            "Hash mismatch for 'manifest.json'"]
