@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from contract.bundle import PLE_ASSET_FILE as FILE_NAME
 from contract.ple import FORMAT, METADATA_KEY
+from models.errors import InputError
 from models.text import TextDecoder, in_dtype
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -45,7 +46,8 @@ def quantize_rows_int4(table: torch.Tensor, groups: int, block_rows: int = 8192)
     Returns (bytes int8 [V, N/2], scales fp32 [V, groups]), a block of rows at a time as quantize_rows_int8."""
     vocab, width = table.shape
     if width % (2 * groups):
-        raise ValueError(f"int4 rows need a width ({width}) that splits into {groups} groups of even size")
+        raise InputError(f"--ple-storage int4: rows of width {width} do not split into {groups} groups of even "
+                         "size (int4 packs two values per byte)")
     packed = torch.empty(vocab, width // 2, dtype=torch.int8)
     scale = torch.empty(vocab, groups, dtype=torch.float32)
     for start in range(0, vocab, block_rows):

@@ -109,6 +109,8 @@ def test_int4_rows_quantized_block_by_block_equal_the_whole_table_at_once():
     for block in (1, 777, 3000):
         got_packed, got_scales = quantize_rows_int4(table, 4, block)
         assert torch.equal(got_packed, packed) and torch.equal(got_scales, scales), block
+    with pytest.raises(InputError, match="--ple-storage int4: rows of width 9"):
+        quantize_rows_int4(torch.zeros(2, 9), groups=1)
     q = unpack_int4(packed)
     assert q.min() >= -7 and q.max() <= 7 and torch.equal(q, torch.round(q))
     values = (q.unflatten(1, (4, 64)) * scales[..., None]).flatten(1)
