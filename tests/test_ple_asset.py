@@ -151,3 +151,48 @@ def test_lowered_lookups_read_the_assets_numbers(model, tmp_path, target, storag
         got = loaded.load_method("per_layer_embedding").execute([ids])[0][0].numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
+
+
+def test_the_executorch_backend_pages_in_only_the_rows_it_reads(tmp_path):
+    """ExecuTorch's Python runtime maps the .ptd with mlock, which pinned the whole PLE table in memory as root (2 GB
+    on E2B); loaded as runtime_py's executorch backend loads it, none of the table is locked, and lookups bring in
+    their rows' pages, not the disk's read-ahead window around each (8 MB on this VM: 60% of E2B's table after 256
+    lookups). Here a 16 MB int8 table (65,536 rows of 256 B), its pages dropped after the load (the load's own reads
+    of the header read ahead too), then 32 lookups spread over it."""
+    from dataclasses import replace
+
+    from contract.bundle import PTD_FILE
+    from exporters.executorch import lower
+    from models.config import TINY
+    from models.random_init import randomise_
+    from models.text import TextDecoder
+    from runtime_py.bench.measure import drop_from_page_cache, resident_share
+    from runtime_py.executors.executorch_executor import load_program, pages_on_demand
+
+    cfg = replace(TINY, vocab_size=65536, vocab_size_per_layer_input=65536, hidden_size_per_layer_input=32)
+    model = TextDecoder(cfg).eval()
+    randomise_(model, 5)
+    ids = torch.arange(32)[None] * 2047
+    with torch.no_grad():
+        program = torch.export.export(PerLayerEmbedder(model, "int8"), (ids,))
+    lowered = lower({"per_layer_embedding": program}, {})
+    pte, ptd = tmp_path / "ple.pte", tmp_path / PTD_FILE
+    pte.write_bytes(lowered.buffer)
+    lowered.write_tensor_data_to_file(str(tmp_path))
+    assert ptd.stat().st_size >= 65536 * 256
+
+    def locked_kib() -> int:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+        return int(status["VmLck"].split()[0])
+
+    before = locked_kib()
+    loaded = load_program(pte, ptd)
+    with pages_on_demand(pte, ptd):
+        method = loaded.load_method("per_layer_embedding")
+    assert locked_kib() - before < 1024
+    drop_from_page_cache(ptd)  # locked pages would stay
+    got = method.execute([ids])[0][0].numpy()
+    # 32 rows of 256 B: 32 of the table's 4,160 pages.
+    assert resident_share(ptd) < 0.05
+    np.testing.assert_allclose(got, PleTable(write_ple_asset(model, tmp_path, "int8")).rows(ids[0].numpy()),
+                               rtol=1e-6, atol=1e-7)

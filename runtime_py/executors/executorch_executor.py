@@ -1,11 +1,14 @@
 """The executorch backend: the bundle's .pte (XNNPACK) run by executorch.runtime, the PLE table memory-mapped from
-the .ptd. The KV cache lives inside the program as mutable buffers, written by text_decoder.
+the .ptd and paged in row by row (pages_on_demand). The KV cache lives inside the program as mutable buffers, written
+by text_decoder.
 It calls the methods of ExecuTorch's LLM runner contract (exporters.executorch) as the stock runner does:
 token_embedding, then text_decoder for prompt chunks of any length and for each decoded token. ExecuTorchEncoders runs
 the same program's encoder methods."""
 
 from __future__ import annotations
 
+import ctypes
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +26,67 @@ from models.encoders import runner_audio_input
 from models.errors import InputError
 from runtime_py.executors.base import check_image_size, native_output_to_log
 
+_CAP_IPC_LOCK, _MADV_RANDOM = 14, 1  # linux/capability.h, asm-generic/mman-common.h
+
+
+@contextmanager
+def pages_on_demand(*files: Path):
+    """Loads under it leave `files` mapped but not read: the PLE table (.ptd) and the token embedding (.pte) are
+    read a few rows per token, so only those rows' pages should come into memory.
+
+    ExecuTorch's Python runtime maps programs with mlock (MmapDataLoader, UseMlockIgnoreErrors): a process that may
+    lock memory (root: CAP_IPC_LOCK) gets the whole table pinned when token_embedding loads (2 GB on E2B at int8).
+    Without that right the lock fails and the failure is ignored, which is what any user under the default memlock
+    limit gets; so the block runs with the calling thread's CAP_IPC_LOCK cleared (capabilities are per thread) and
+    restored after. Then the mappings of `files` are advised MADV_RANDOM: each row's page fault would otherwise read
+    ahead the disk's read-ahead window (8 MB on this VM), and 256 lookups brought 60% of E2B's table in."""
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
+        held = libc.capget(ctypes.byref(header), data) == 0 and data[0].effective >> _CAP_IPC_LOCK & 1
+    except (OSError, AttributeError):  # not Linux with glibc: nothing to clear or advise
+        libc, held = None, False
+    if held:
+        data[0].effective &= ~(1 << _CAP_IPC_LOCK)
+        held = libc.capset(ctypes.byref(header), data) == 0
+    try:
+        yield
+    finally:
+        if held:
+            data[0].effective |= 1 << _CAP_IPC_LOCK
+            libc.capset(ctypes.byref(header), data)
+        if libc is not None and files:
+            _advise_random(libc, {str(Path(f).resolve()) for f in files})
+
+
+def _advise_random(libc, paths: set[str]) -> None:
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:  # no procfs: the mappings keep the kernel's default read-ahead
+        return
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in paths:
+            begin, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(begin, end - begin, _MADV_RANDOM)
+
 
 def load_program(pte: Path, ptd: Path):
-    """The program of `pte` with its external weights `ptd`; both are memory-mapped."""
+    """The program of `pte` with its external weights `ptd`; both are memory-mapped. Load its methods under
+    pages_on_demand too: a method maps its constants when it loads."""
     with native_output_to_log():
         import executorch.kernels.quantized  # noqa: F401  (registers the kernels quantized programs call)
         from executorch.runtime import Runtime
     try:
-        with native_output_to_log():
+        with native_output_to_log(), pages_on_demand():
             return Runtime.get().load_program(pte, data_path=ptd)
     except Exception as e:  # the runtime raises RuntimeError for unreadable programs
         raise InputError(f"{pte}: ExecuTorch cannot load it ({e})") from None
@@ -41,7 +97,7 @@ class ExecuTorchExecutor:
 
     def __init__(self, pte: Path, ptd: Path, cache_len: int, prefill_lengths: tuple[int, ...]):
         program = load_program(pte, ptd)
-        with native_output_to_log():  # XNNPACK's first load probes the CPU, loudly
+        with native_output_to_log(), pages_on_demand(pte, ptd):  # XNNPACK's first load probes the CPU, loudly
             self.methods = {name: program.load_method(name) for name in (TOKEN_EMBEDDING, TEXT_DECODER)}
         # text_decoder takes any chunk: every length up to the bundle's longest is a prefill length to the session.
         self.cache_len, self.prefill_lengths = cache_len, tuple(range(1, max(prefill_lengths) + 1))
@@ -107,7 +163,7 @@ class ExecuTorchEncoders:
 
     def _method(self, name: str):
         if name not in self._methods:
-            with native_output_to_log():
+            with native_output_to_log(), pages_on_demand():
                 self._methods[name] = self.program.load_method(name)
         return self._methods[name]
 
