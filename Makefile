@@ -80,8 +80,10 @@ real-checkpoints: install
 
 # Real scale, step 2 (in progress: the cells that run today, ci/real_scale.py's CELLS): `g3n export` of those
 # checkpoints, each cell in a fresh process, with its time, peak RSS (whole process tree, and its anonymous part) and
-# bytes written, in out/real/real-scale.md. Half an hour or more a cell on 2 cores. Then the PLE table alone at int8
-# and int4 (ci/real_ple.py: bytes, write time, error of random rows against bf16; out/real/real-ple.md). Not in .ci/run.
+# bytes written, then (ExecuTorch cells) a 256-token prompt and 16 tokens in our runtime: tokens/s, time to first
+# token, run peak RSS, PLE table resident; in out/real/real-scale.md. An hour a cell on 2 cores. Then the PLE table
+# alone at int8 and int4 (ci/real_ple.py: bytes, write time, error of random rows against bf16; out/real/real-ple.md).
+# Not in .ci/run.
 real-scale: real-checkpoints
 	$(BIN)/python ci/real_scale.py --out out/real
 	$(BIN)/python ci/real_ple.py --out out/real

@@ -2,19 +2,27 @@
 quantization that fits this machine, each in a fresh process: time, peak RSS of the process tree and of its anonymous
 part (what the mapped checkpoint's pages, which the kernel can drop, are not), and the bytes written. Writes
 real-scale.json and real-scale.md into --out and prints the table. A cell that fails says so in its row and the log
-it left; the run goes on."""
+it left; the run goes on. Then each ExecuTorch cell's files run in our runtime's executorch executor, also in a fresh
+process (runtime_py.bench.children): a prompt of distinct ids (256, or fewer where the cache must keep room for the
+decoded tokens), then DECODE tokens: prefill and decode tokens/s, time to first token, the run's peak RSS and the
+share of the PLE table (.ptd) resident after the prompt (mincore). Rows of cells not run this time are kept;
+--runs-only measures the run columns of cells already exported, keeping their export columns."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.errors import G3nError  # noqa: E402
-from runtime_py.bench.measure import run_measured  # noqa: E402
+from runtime_py.bench import distinct_ids  # noqa: E402
+from runtime_py.bench.measure import drop_from_page_cache, run_measured  # noqa: E402
 from runtime_py.bench.report import write_table  # noqa: E402
+from runtime_py.bench.subjects import CHILD  # noqa: E402
+from runtime_py.bundle import ENCODER_QUANT_LEVELS, PLE_LEVELS, QUANT_LEVELS  # noqa: E402
 
 # (checkpoint preset, target, --quant, text only): the ones run by default, in order.
 CELLS = [
@@ -22,15 +30,34 @@ CELLS = [
     ("e2b", "executorch", "8da4w", False),
     ("e4b", "executorch", "8da4w", False),
 ]
+PROMPT, DECODE = 256, 16
+EXPORT_COLUMNS = ("model", "target", "quant", "parts", "status", "export_s", "export_peak_rss_mib",
+                  "export_peak_anon_mib", "bytes")
+
+
+def bundle_flags(target: str, quant: str, text_only: bool) -> list[str]:
+    """The PLE storage and encoder scheme `g3n bundle` gives the level that exports `target` with `quant` (at int4:
+    an int4 table, int8 encoders), so that a cell's bytes are the bundle's."""
+    level = [level for level, schemes in QUANT_LEVELS.items() if schemes.get(target) == quant][-1]
+    return ["--ple-storage", PLE_LEVELS[level]] + (
+        [] if text_only else ["--encoder-quant", ENCODER_QUANT_LEVELS[level][target]])
+
+
+def cell_name(preset: str, target: str, quant: str, text_only: bool) -> str:
+    return f"{preset}-{target}-{quant}" + ("-text" if text_only else "")
+
+
+def cell_row(preset: str, target: str, quant: str, text_only: bool) -> dict:
+    return {"model": preset, "target": target, "quant": quant, "parts": "text" if text_only else "text+vision+audio"}
 
 
 def export_cell(out: Path, preset: str, target: str, quant: str, text_only: bool) -> dict:
-    name = f"{preset}-{target}-{quant}" + ("-text" if text_only else "")
-    row = {"model": preset, "target": target, "quant": quant, "parts": "text" if text_only else "text+vision+audio"}
+    name, row = cell_name(preset, target, quant, text_only), cell_row(preset, target, quant, text_only)
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
     cmd = [sys.executable, "-m", "runtime_py.cli", "export", "--checkpoint", str(out / preset), "--target", target,
-           "--quant", quant, "--out", str(folder), "--log", str(out / f"{name}.converters.log")]
+           "--quant", quant, *bundle_flags(target, quant, text_only), "--out", str(folder),
+           "--log", str(out / f"{name}.converters.log")]
     print(f"{name}: exporting", file=sys.stderr, flush=True)
     try:
         m = run_measured(cmd + (["--text-only"] if text_only else []), out / f"{name}.log")
@@ -41,20 +68,56 @@ def export_cell(out: Path, preset: str, target: str, quant: str, text_only: bool
                   "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
 
 
+def run_cell(out: Path, row: dict, name: str) -> dict:
+    """The run columns of an exported ExecuTorch cell (see the module's docstring)."""
+    folder = out / name
+    pte, ptd = folder / "model.pte", folder / "per_layer_embeddings.ptd"
+    cache = json.loads((folder / "export.json").read_text())["spec"]["cache_len"]
+    config = json.loads((out / row["model"] / "config.json").read_text())
+    vocab = config.get("text_config", config)["vocab_size_per_layer_input"]
+    ids = distinct_ids(min(PROMPT, cache - DECODE), vocab)
+    for path in (pte, ptd):
+        drop_from_page_cache(path)
+    print(f"{name}: running a {len(ids)}-token prompt and {DECODE} tokens", file=sys.stderr, flush=True)
+    try:
+        m = run_measured(CHILD + ["executorch", str(pte), str(ptd), str(cache), str(len(ids)), str(DECODE),
+                                  json.dumps(ids)], out / f"{name}.run.log")
+    except G3nError as e:
+        return row | {"run": f"failed: {e}"}
+    result = json.loads(m["last"])
+    return row | {"run": "ok", "prompt_tokens": len(ids), "prefill_tok_s": round(result["prefill_tok_s"], 2),
+                  "decode_tok_s": round(result["decode_tok_s"], 2), "ttft_s": round(result["ttft_s"], 2),
+                  "run_peak_rss_mib": round(m["peak_rss_mib"]), "run_peak_anon_mib": round(m["peak_anon_mib"]),
+                  "ple_resident": f"{result['ple_resident_share']:.2%}"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/real"))
     parser.add_argument("--cells", help="comma-separated preset/target/quant[/text], e.g. e2b/executorch/8da8w/text "
                         "(default: every cell of CELLS)")
+    parser.add_argument("--runs-only", action="store_true", help="measure the run columns of cells exported before")
     args = parser.parse_args()
     cells = CELLS if not args.cells else [
         (*c.split("/")[:3], c.endswith("/text")) for c in args.cells.split(",")]
-    rows = []
+    table = args.out / "real-scale.json"
+    rows = json.loads(table.read_text()) if table.is_file() else []
     for cell in cells:
         if not (args.out / cell[0] / "config.json").is_file():
             print(f"error: {args.out / cell[0]}: no checkpoint (make real-checkpoints writes it)", file=sys.stderr)
             return 2
-        rows.append(export_cell(args.out, *cell))
+        key, name = cell_row(*cell), cell_name(*cell)
+        old = next((r for r in rows if {k: r.get(k) for k in key} == key), None)
+        if args.runs_only:
+            if old is None or old.get("status") != "ok" or not (args.out / name / "export.json").is_file():
+                print(f"error: {args.out / name}: not exported (run without --runs-only first)", file=sys.stderr)
+                return 2
+            row = {k: v for k, v in old.items() if k in EXPORT_COLUMNS}
+        else:
+            row = export_cell(args.out, *cell)
+        if row.get("status") == "ok" and cell[1] == "executorch":
+            row = run_cell(args.out, row, name)
+        rows = [row if r is old else r for r in rows] if old is not None else rows + [row]
         write_table(rows, args.out / "real-scale")
     return 0
 

@@ -123,7 +123,7 @@ def _process_rows(bench: Bench, only: set[str]) -> None:
     et_quant = "none" if o.quick else "8da8w"
     et = f"executorch {et_quant}"
     threads, cache = str(o.threads), str(p.cache)
-    ids = _distinct_ids(p.ple_prompt, p.config.vocab_size_per_layer_input)
+    ids = distinct_ids(p.ple_prompt, p.config.vocab_size_per_layer_input)
     exports: dict[str, dict] = {}
 
     def engine_job(key, model, prefill, decode):
@@ -238,7 +238,7 @@ def _rounds(bench: Bench) -> dict[str, dict]:
     return {key: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for key, rs in runs.items()}
 
 
-def _distinct_ids(n: int, vocab: int) -> list[int]:
+def distinct_ids(n: int, vocab: int) -> list[int]:
     """n distinct ids spread over the table, as a prompt's tokens are (past the first 300, Gemma's special pieces,
     where the table allows)."""
     import numpy as np
