@@ -5,7 +5,8 @@ real-scale.json and real-scale.md into --out and prints the table. A cell that f
 it left; the run goes on. Then each ExecuTorch cell's files run in our runtime's executorch executor, also in a fresh
 process (runtime_py.bench.children): a prompt of distinct ids (256, or fewer where the cache must keep room for the
 decoded tokens), then DECODE tokens: prefill and decode tokens/s, time to first token, the run's peak RSS and the
-share of the PLE table (.ptd) resident after the prompt (mincore). Rows of cells not run this time are kept;
+share of the PLE table (.ptd) resident after the prompt (mincore); and ExecuTorch's stock MultimodalRunner on the same
+files, a short prompt: its peak RSS and the share of the .ptd resident. Rows of cells not run this time are kept;
 --runs-only measures the run columns of cells already exported, keeping their export columns."""
 
 from __future__ import annotations
@@ -85,13 +86,38 @@ def run_cell(out: Path, row: dict, name: str) -> dict:
     except G3nError as e:
         return row | {"run": f"failed: {e}"}
     result = json.loads(m["last"])
+    for path in (pte, ptd):
+        drop_from_page_cache(path)
+    tokenizer = out / row["model"] / "tokenizer.model"
+    try:
+        stock = run_measured([sys.executable, __file__, "--stock-runner", str(pte), str(ptd), str(tokenizer)],
+                             out / f"{name}.run.log")
+        stock_columns = {"stock_runner_peak_anon_mib": round(stock["peak_anon_mib"]),
+                         "stock_runner_ple_resident": f"{json.loads(stock['last'])['ple_resident_share']:.2%}"}
+    except G3nError as e:
+        stock_columns = {"stock_runner": f"failed: {e}"}
     return row | {"run": "ok", "prompt_tokens": len(ids), "prefill_tok_s": round(result["prefill_tok_s"], 2),
                   "decode_tok_s": round(result["decode_tok_s"], 2), "ttft_s": round(result["ttft_s"], 2),
                   "run_peak_rss_mib": round(m["peak_rss_mib"]), "run_peak_anon_mib": round(m["peak_anon_mib"]),
-                  "ple_resident": f"{result['ple_resident_share']:.2%}"}
+                  "ple_resident": f"{result['ple_resident_share']:.2%}"} | stock_columns
+
+
+def stock_runner(pte: str, ptd: str, tokenizer: str) -> int:
+    """Child: ExecuTorch's MultimodalRunner (the demo apps' runner) loads the files and prefills a short prompt;
+    prints the share of the .ptd then resident."""
+    import executorch.kernels.quantized  # noqa: F401  (registers the kernels quantized programs call)
+    from executorch.extension.llm import runner
+
+    from runtime_py.bench.measure import resident_share
+
+    runner.MultimodalRunner(pte, tokenizer, ptd).prefill([runner.make_text_input("Hello there")])
+    print(json.dumps({"ple_resident_share": resident_share(Path(ptd))}))
+    return 0
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--stock-runner"]:
+        return stock_runner(*sys.argv[2:5])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/real"))
     parser.add_argument("--cells", help="comma-separated preset/target/quant[/text], e.g. e2b/executorch/8da8w/text "
