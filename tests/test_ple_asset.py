@@ -136,21 +136,26 @@ def test_lowered_lookups_read_the_assets_numbers(model, tmp_path, target, storag
     else:
         from executorch.runtime import Runtime
 
-        from contract.bundle import PTD_FILE
-        from exporters.executorch import lower
-
-        with torch.no_grad():
-            program = torch.export.export(PerLayerEmbedder(model, storage), (ids,))
-        lowered = lower({"per_layer_embedding": program}, {})
-        (tmp_path / "ple.pte").write_bytes(lowered.buffer)
-        lowered.write_tensor_data_to_file(str(tmp_path))
+        pte, ptd = _lowered_lookup(model, storage, ids, tmp_path)
         cfg = model.config
         table_bytes = cfg.vocab_size_per_layer_input * cfg.num_layers * cfg.hidden_size_per_layer_input
-        assert (tmp_path / PTD_FILE).stat().st_size >= table_bytes // (2 if storage == "int4" else 1)  # in the .ptd
-        loaded = Runtime.get().load_program(tmp_path / "ple.pte", data_path=tmp_path / PTD_FILE)
+        assert ptd.stat().st_size >= table_bytes // (2 if storage == "int4" else 1)  # in the .ptd
+        loaded = Runtime.get().load_program(pte, data_path=ptd)
         got = loaded.load_method("per_layer_embedding").execute([ids])[0][0].numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
+
+def _lowered_lookup(model, storage: str, ids, folder):
+    """The PLE lookup lowered to ExecuTorch alone: (ple.pte, its .ptd holding the table) in folder."""
+    from contract.bundle import PTD_FILE
+    from exporters.executorch import lower
+
+    with torch.no_grad():
+        program = torch.export.export(PerLayerEmbedder(model, storage), (ids,))
+    lowered = lower({"per_layer_embedding": program}, {})
+    (folder / "ple.pte").write_bytes(lowered.buffer)
+    lowered.write_tensor_data_to_file(str(folder))
+    return folder / "ple.pte", folder / PTD_FILE
 
 
 def test_the_executorch_backend_pages_in_only_the_rows_it_reads(tmp_path):
@@ -161,8 +166,6 @@ def test_the_executorch_backend_pages_in_only_the_rows_it_reads(tmp_path):
     of the header read ahead too), then 32 lookups spread over it."""
     from dataclasses import replace
 
-    from contract.bundle import PTD_FILE
-    from exporters.executorch import lower
     from models.config import TINY
     from models.random_init import randomise_
     from models.text import TextDecoder
@@ -173,12 +176,7 @@ def test_the_executorch_backend_pages_in_only_the_rows_it_reads(tmp_path):
     model = TextDecoder(cfg).eval()
     randomise_(model, 5)
     ids = torch.arange(32)[None] * 2047
-    with torch.no_grad():
-        program = torch.export.export(PerLayerEmbedder(model, "int8"), (ids,))
-    lowered = lower({"per_layer_embedding": program}, {})
-    pte, ptd = tmp_path / "ple.pte", tmp_path / PTD_FILE
-    pte.write_bytes(lowered.buffer)
-    lowered.write_tensor_data_to_file(str(tmp_path))
+    pte, ptd = _lowered_lookup(model, "int8", ids, tmp_path)
     assert ptd.stat().st_size >= 65536 * 256
 
     def locked_kib() -> int:
