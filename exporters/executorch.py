@@ -55,6 +55,7 @@ from contract.bundle import (
     VISION_ENCODER,
     vision_encoder_name,
 )
+from exporters.memo import memoized
 from exporters.ple import PerLayerEmbedder, RowTable
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
 from models.encoders import (
@@ -611,6 +612,7 @@ def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None)
         XnnpackPartitioner,
     )
     from executorch.exir import (
+        EdgeCompileConfig,
         EdgeProgramManager,
         ExecutorchBackendConfig,
         to_edge_transform_and_lower,
@@ -621,7 +623,10 @@ def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None)
     partitioners = {name: [] if name.endswith("embedding") else [XnnpackPartitioner()] for name in programs}
     with bounded_dynamic_quant_layout():
         edge = to_edge_transform_and_lower(
-            programs, transform_passes=[delegate_friendly_views()], partitioner=partitioners, constant_methods=metadata
+            programs, transform_passes=[delegate_friendly_views()], partitioner=partitioners, constant_methods=metadata,
+            # The edge dialect's verifier re-checks every node after each step: a seventh of the lowering time, for a
+            # check of ExecuTorch's own passes (the programs' outputs are tested against the float model instead).
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
     if aliases:
         # A copy per name: to_executorch plans memory in each method's graph in place. The delegate's weights are
@@ -676,23 +681,36 @@ def canonical_named_data_(edge) -> None:
 
 def export_executorch(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | Path) -> Path:
     """Writes out_dir/model.pte and out_dir/per_layer_embeddings.ptd (and export.json); returns the .pte's path.
-    `model`: a TextDecoder, or a whole Gemma3n whose encoders (spec.encoders) join the decoder's methods."""
+    `model`: a TextDecoder, or a whole Gemma3n whose encoders (spec.encoders) join the decoder's methods. With the
+    conversion memo on (exporters.memo), the same model lowered again at the same spec is a copy of the first
+    lowering's files."""
+    from executorch.version import __version__
+
     check_target(spec, "executorch")
     decoder, whole = split_model(model, spec)
-    console = Console(stderr=True)
     with export_folder(out_dir, spec) as tmp:
-        per_layer = PerLayerEmbedder(decoder, spec.ple_storage)
-        with console.status("exporting the decoder and embedding methods"):
-            programs = decoder_programs(decoder.eval(), spec) | embedder_programs(decoder, spec, per_layer, whole)
-        aliases = {}
-        if spec.encoders:
-            with console.status(f"exporting the {' and '.join(spec.encoders)} encoders"):
-                programs |= encoder_programs(whole.eval(), spec, per_layer)
-            if "vision" in spec.encoders:
-                aliases[VISION_ENCODER] = vision_encoder_name(spec.image_sizes[0])
-        with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):
-            program = lower(programs, runner_metadata(decoder, spec), aliases)
-        with open(tmp / PTE_FILE, "wb") as f:
-            program.write_to_file(f)
-        program.write_tensor_data_to_file(str(tmp))
+        lowered = memoized([("executorch", model, {"spec": spec})], f"executorch {__version__}", tmp / "lowered",
+                           lambda path: _lower_into(path, decoder, whole, spec))
+        for file in sorted(lowered.iterdir()):
+            file.rename(tmp / file.name)
+        lowered.rmdir()
     return Path(out_dir) / PTE_FILE
+
+
+def _lower_into(folder: Path, decoder: TextDecoder, whole: Gemma3n | None, spec: ExportSpec) -> None:
+    console = Console(stderr=True)
+    folder.mkdir()
+    per_layer = PerLayerEmbedder(decoder, spec.ple_storage)
+    with console.status("exporting the decoder and embedding methods"):
+        programs = decoder_programs(decoder.eval(), spec) | embedder_programs(decoder, spec, per_layer, whole)
+    aliases = {}
+    if spec.encoders:
+        with console.status(f"exporting the {' and '.join(spec.encoders)} encoders"):
+            programs |= encoder_programs(whole.eval(), spec, per_layer)
+        if "vision" in spec.encoders:
+            aliases[VISION_ENCODER] = vision_encoder_name(spec.image_sizes[0])
+    with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):
+        program = lower(programs, runner_metadata(decoder, spec), aliases)
+    with open(folder / PTE_FILE, "wb") as f:
+        program.write_to_file(f)
+    program.write_tensor_data_to_file(str(folder))
