@@ -16,9 +16,9 @@ def default_model() -> TextDecoder:
 
 
 def tiny_gemma3n_config():
-    """The default model's whole-model config: the tiny text decoder, a narrow MobileNet-V5 (channel multiplier
-    1/16: every block of the published encoder, 7M parameters) and a one-block audio conformer; the media ids laid
-    out as models.hf_reference.media_token_ids lays them out for any vocabulary."""
+    """The default model's whole-model config: the tiny text decoder, a narrow, shallow MobileNet-V5 (channel
+    multiplier 1/16, 12 blocks: models.hf_reference.SHALLOW_STAGES) and a one-block audio conformer; the media ids
+    laid out as models.hf_reference.media_token_ids lays them out for any vocabulary."""
     from models.audio import AudioConfig
     from models.hf_reference import TEST_AUDIO, TEST_VISION_ARGS, media_token_ids
     from models.multimodal import EmbedderConfig, Gemma3nConfig, MediaTokens
@@ -29,7 +29,7 @@ def tiny_gemma3n_config():
     audio = AudioConfig(**audio_fields, vocab_size=ids["media_vocab_size"], vocab_offset=ids["audio_vocab_offset"])
     return Gemma3nConfig(
         text=TINY,
-        vision=VisionConfig(**TEST_VISION_ARGS),
+        vision=VisionConfig.from_hf_dict({"model_args": TEST_VISION_ARGS}),
         audio=audio,
         vision_embedder=EmbedderConfig(2048, ids["vision_vocab_offset"], ids["media_vocab_size"]),
         audio_embedder=EmbedderConfig(audio.hidden_size, ids["audio_vocab_offset"], ids["media_vocab_size"]),

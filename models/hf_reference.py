@@ -7,6 +7,7 @@ path off; `randomise_` gives every parameter a random value so that every path c
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -15,9 +16,17 @@ import torch
 from models.checkpoint import CAUSAL_LM, CONDITIONAL_GENERATION
 from models.config import TINY, TextConfig
 from models.random_init import randomise_
+from models.vision import MOBILENETV5_300M, timm_block_args
 
-# A narrow MobileNet-V5 keeps multimodal test checkpoints small (7M parameters rather than 300M).
-TEST_VISION_ARGS = {"channel_multiplier": 0.0625}
+# The MobileNet-V5 of the default whole model and the multimodal test checkpoints: 1/16 of the published width, and
+# each stage cut to the blocks that differ in kind (its strided first block, a residual block of each kind, one
+# attention pair): 12 of the 84 blocks. Conversion time goes with graph nodes (the 84-block graph, about 3,600 nodes,
+# took ExecuTorch 283 s and LiteRT 75 s to convert), so every bundle of the whole model converts in a fraction of it;
+# the published depth stays checked against timm and transformers (tests/test_vision.py) and converted at full size
+# by `make bench`.
+_S0, _S1, _S2, _S3 = MOBILENETV5_300M
+SHALLOW_STAGES = (_S0[:2], _S1[:2], (*_S2[:2], *_S2[8:11]), _S3[:3])
+TEST_VISION_ARGS = {"channel_multiplier": 0.0625, "block_args": timm_block_args(SHALLOW_STAGES)}
 TEST_AUDIO = dict(
     hidden_size=32,
     conf_num_hidden_layers=1,
@@ -42,7 +51,7 @@ def hf_config(cfg: TextConfig, layout: str = CAUSAL_LM, vision_args: dict | None
     tokens = media_token_ids(cfg)
     vision = Gemma3nVisionConfig(
         architecture="mobilenetv5_300m_enc",
-        model_args=TEST_VISION_ARGS if vision_args is None else vision_args,
+        model_args=copy.deepcopy(TEST_VISION_ARGS if vision_args is None else vision_args),
         hidden_size=2048,
         vocab_offset=tokens["vision_vocab_offset"],
         vocab_size=tokens["media_vocab_size"],
@@ -77,11 +86,21 @@ def random_hf_model(cfg: TextConfig = TINY, layout: str = CAUSAL_LM, seed: int =
         model = Gemma3nForCausalLM(config)
     elif layout == CONDITIONAL_GENERATION:
         config.text_config._attn_implementation = "eager"
-        model = Gemma3nForConditionalGeneration(config)
+        model = timm_safe_build(Gemma3nForConditionalGeneration, config)
     else:
         raise ValueError(f"unknown layout {layout}")
     randomise_(model, seed)
     return model.eval()
+
+
+def timm_safe_build(cls, config):
+    """cls(config), with config.vision_config.model_args as they were: timm builds its blocks from model_args'
+    block_args in place (it pops and rewrites their keys), so a config that gave them would otherwise save, or build
+    a second model from, what is left."""
+    args = copy.deepcopy(config.vision_config.model_args)
+    model = cls(config)
+    config.vision_config.model_args = args
+    return model
 
 
 def write_random_checkpoint(path: str | Path, cfg: TextConfig = TINY, layout: str = CAUSAL_LM, seed: int = 0, **kw):
@@ -111,7 +130,7 @@ def write_random_streamed(path: str | Path, config, seed: int = 0, extra_files: 
     from models.random_init import random_tensors
 
     with torch.device("meta"):
-        model = Gemma3nForConditionalGeneration(config)
+        model = timm_safe_build(Gemma3nForConditionalGeneration, config)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied lm_head: saved once, as HF does
     hf = config.to_dict() | {"architectures": [CONDITIONAL_GENERATION], "dtype": "bfloat16"}
     write_checkpoint(path, hf, random_tensors(shapes, seed, torch.bfloat16, progress=progress),

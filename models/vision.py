@@ -59,13 +59,15 @@ class VisionConfig:
     """Gemma3nVisionConfig as far as the encoder is concerned: timm's `mobilenetv5_300m_enc` and its model_args.
 
     channel_multiplier scales every block's width (not the stem's when below 1, nor the attention heads, as in
-    timm); 1.0 is the published encoder (E2B and E4B share it). The MSFA always outputs `hidden_size` = 2048
-    channels on a 16x16 grid."""
+    timm); 1.0 is the published encoder (E2B and E4B share it). stages: the blocks, stage by stage (default: the
+    published architecture; model_args' `block_args`, which timm takes in place of its own, can give others). The
+    MSFA always outputs `hidden_size` = 2048 channels on a 16x16 grid."""
 
     channel_multiplier: float = 1.0
     hidden_size: int = 2048
     msfa_output_resolution: int = 16
     rms_norm_eps: float = 1e-6  # timm's RmsNorm2d default; vision_config.rms_norm_eps is the embedder's, not this
+    stages: tuple[tuple, ...] = ()  # () = MOBILENETV5_300M (defined below)
 
     # Keys of model_args that only matter for training (dropout); anything else unknown is an error.
     _TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate")
@@ -81,9 +83,16 @@ class VisionConfig:
             )
 
     @property
+    def blocks(self) -> tuple[tuple, ...]:
+        return self.stages or MOBILENETV5_300M
+
+    @property
     def model_args(self) -> dict:
         """The timm.create_model keyword arguments that build the same network."""
-        return {} if self.channel_multiplier == 1.0 else {"channel_multiplier": self.channel_multiplier}
+        args = {} if self.channel_multiplier == 1.0 else {"channel_multiplier": self.channel_multiplier}
+        if self.blocks != MOBILENETV5_300M:
+            args["block_args"] = timm_block_args(self.blocks)
+        return args
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "VisionConfig":
@@ -96,15 +105,18 @@ class VisionConfig:
         args = d.get("model_args") or {}
         if not isinstance(args, dict):
             raise CheckpointError(f"config.json: vision_config.model_args must be an object, got {args!r}")
-        unknown = sorted(set(args) - {"channel_multiplier", *cls._TRAINING_ONLY_ARGS})
+        unknown = sorted(set(args) - {"channel_multiplier", "block_args", *cls._TRAINING_ONLY_ARGS})
         if unknown:
             raise CheckpointError(
-                f"config.json: vision_config.model_args {unknown} are not supported (only channel_multiplier)"
+                f"config.json: vision_config.model_args {unknown} are not supported (only channel_multiplier and "
+                "block_args)"
             )
+        stages = stages_from_block_args(args["block_args"]) if "block_args" in args else ()
         try:
             return cls(
                 channel_multiplier=float(args.get("channel_multiplier", 1.0)),
                 hidden_size=int(d.get("hidden_size", 2048)),
+                stages=() if stages == MOBILENETV5_300M else stages,
             )
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config.json: malformed vision_config ({e})") from None
@@ -183,6 +195,72 @@ MOBILENETV5_300M: tuple[tuple, ...] = (
     (UIRSpec(1280, 5, 5, 6.0, stride=2), *_mqa_stage(1280, heads=16, head_dim=96, kv_stride=1, pairs=19)),
 )
 STEM_CHANNELS = 64
+
+# timm's decoded block arguments (its decode_arch_def's output, which model_args' `block_args` carries) of each kind,
+# as far as they are fixed here: anything else (squeeze-excite, no skip, a third depthwise conv) is not supported.
+_FIXED_BLOCK_ARGS = {
+    "er": {"act_layer": None, "pw_kernel_size": 1, "force_in_chs": 0, "se_ratio": 0.0, "noskip": False},
+    "uir": {"act_layer": None, "dw_kernel_size_end": 0, "se_ratio": 0.0, "noskip": False},
+    "mqa": {"act_layer": None, "stride": 1, "noskip": False},
+}
+
+
+def timm_block_args(stages: tuple[tuple, ...]) -> list[list[dict]]:
+    """The stages as timm's `block_args` (what decode_arch_def makes of their arch_def strings)."""
+
+    def block(spec) -> dict:
+        if isinstance(spec, EdgeResidualSpec):
+            own = {"block_type": "er", "out_chs": spec.out_chs, "stride": spec.stride, "exp_kernel_size": spec.kernel,
+                   "exp_ratio": spec.exp_ratio}
+        elif isinstance(spec, UIRSpec):
+            own = {"block_type": "uir", "out_chs": spec.out_chs, "stride": spec.stride,
+                   "dw_kernel_size_start": spec.start_kernel, "dw_kernel_size_mid": spec.mid_kernel,
+                   "exp_ratio": spec.exp_ratio}
+        else:
+            own = {"block_type": "mqa", "out_chs": spec.out_chs, "dw_kernel_size": spec.kv_kernel,
+                   "num_heads": spec.num_heads, "key_dim": spec.head_dim, "value_dim": spec.head_dim,
+                   "kv_stride": spec.kv_stride}
+        return own | _FIXED_BLOCK_ARGS[own["block_type"]]
+
+    return [[block(spec) for spec in stage] for stage in stages]
+
+
+def stages_from_block_args(block_args) -> tuple[tuple, ...]:
+    """model_args' `block_args` read back into stages; one CheckpointError naming the block for anything else."""
+    where = "config.json: vision_config.model_args.block_args"
+    if not isinstance(block_args, list) or len(block_args) < 2 or not all(
+            isinstance(stage, list) and stage for stage in block_args):
+        raise CheckpointError(f"{where} must be a list of at least two non-empty stages (lists of blocks)")
+    stages, width = [], None
+    for i, stage in enumerate(block_args):
+        specs = []
+        for j, b in enumerate(stage):
+            kind = b.get("block_type") if isinstance(b, dict) else None
+            if kind not in _FIXED_BLOCK_ARGS:
+                raise CheckpointError(f"{where}[{i}][{j}]: block_type must be one of {sorted(_FIXED_BLOCK_ARGS)}, "
+                                      f"got {kind!r}")
+            fixed = {k: v for k, v in _FIXED_BLOCK_ARGS[kind].items() if b.get(k, v) != v}
+            if fixed:
+                raise CheckpointError(f"{where}[{i}][{j}]: {sorted(fixed)} not supported ({kind} blocks take "
+                                      f"{_FIXED_BLOCK_ARGS[kind]})")
+            try:
+                if kind == "er":
+                    spec = EdgeResidualSpec(int(b["out_chs"]), int(b["exp_kernel_size"]), float(b["exp_ratio"]),
+                                            int(b["stride"]))
+                elif kind == "uir":
+                    spec = UIRSpec(int(b["out_chs"]), int(b["dw_kernel_size_start"]), int(b["dw_kernel_size_mid"]),
+                                   float(b["exp_ratio"]), int(b["stride"]))
+                else:
+                    if b["key_dim"] != b["value_dim"] or b["out_chs"] != width:
+                        raise ValueError("attention blocks keep the width, with key_dim = value_dim")
+                    spec = MQASpec(int(b["out_chs"]), int(b["num_heads"]), int(b["key_dim"]), int(b["kv_stride"]),
+                                   int(b["dw_kernel_size"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{where}[{i}][{j}]: malformed {kind} block ({e})") from None
+            specs.append(spec)
+            width = spec.out_chs
+        stages.append(tuple(specs))
+    return tuple(stages)
 
 
 # --- layers -------------------------------------------------------------------------------------------------------
@@ -392,7 +470,7 @@ class MobileNetV5(nn.Module):
         stem_chs = STEM_CHANNELS if m < 1.0 else round_channels(STEM_CHANNELS, m)  # timm's fix_stem
         self.conv_stem = ConvNormAct(3, stem_chs, 3, stride=2, bias=True, eps=eps)
         in_chs, stages, stage_chs = stem_chs, [], []
-        for stage in MOBILENETV5_300M:
+        for stage in cfg.blocks:
             blocks = []
             for spec in stage:
                 out_chs = round_channels(spec.out_chs, m)
@@ -401,8 +479,7 @@ class MobileNetV5(nn.Module):
                 elif isinstance(spec, UIRSpec):
                     blocks.append(UniversalInvertedResidual(in_chs, out_chs, spec.start_kernel, spec.mid_kernel,
                                                             spec.exp_ratio, spec.stride, eps=eps))
-                else:
-                    assert in_chs == out_chs, "attention blocks keep the width"
+                else:  # stages_from_block_args checked that it keeps the width
                     blocks.append(MobileAttention(in_chs, spec, eps))
                 in_chs = out_chs
             stages.append(nn.Sequential(*blocks))

@@ -2,9 +2,9 @@
 run by executorch.runtime (through ExecuTorchEncoders) against the float PyTorch encoders (TorchEncoders, the
 reference: our model, itself checked against timm and transformers).
 
-Lowering MobileNet-V5 costs minutes whatever its width (the tiny model has every block of the published encoder,
-~2,900 graph nodes), so the float checks read the session's shared multimodal bundle (tests/conftest.py) and the
-8da8w lowering is the one of its own; the 768 px numbers and the several-size checks are in the lead's report.
+Lowering costs time per graph node whatever the width, so the float checks read the session's shared multimodal
+bundle (tests/conftest.py) and the 8da8w lowering is the one of its own; the 768 px numbers and the several-size
+checks are in the lead's report.
 """
 
 from __future__ import annotations

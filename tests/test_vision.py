@@ -2,6 +2,9 @@
 transformers' Gemma 3n vision tower wraps) on the same random weights, and `preprocess_images` against transformers'
 image processor with the settings published with Gemma 3n.
 
+The narrow encoder here has the published 84 blocks at 1/16 width; the default model's shallow one (12 of those
+blocks: models.hf_reference.SHALLOW_STAGES, given to timm as model_args' block_args) is checked the same way.
+
 Tolerances: the encoder runs in fp32 through 84 blocks; ours computes the same operations but attention as plain
 matmuls where timm calls scaled_dot_product_attention, so results differ by rounding only: max |ours - ref| must
 stay within 1e-4 of max |ref| (measured: about 1e-6). Preprocessing does the same integer resize and the same
@@ -12,6 +15,7 @@ The measured numbers are printed: `.venv/bin/python -m pytest -q -s tests/test_v
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -21,10 +25,18 @@ import torch
 from models.errors import CheckpointError, InputError
 from models.hf_reference import TEST_VISION_ARGS
 from models.random_init import randomise_
-from models.vision import ARCHITECTURE, MobileNetV5, VisionConfig, preprocess_images
+from models.vision import (
+    ARCHITECTURE,
+    MOBILENETV5_300M,
+    MobileNetV5,
+    VisionConfig,
+    preprocess_images,
+    timm_block_args,
+)
 
 REL_TOL = 1e-4
 SEED = 11
+NARROW_ARGS = {"channel_multiplier": 0.0625}  # every block of the published encoder
 
 
 def randomise_buffers_(model: torch.nn.Module, seed: int) -> list[str]:
@@ -48,27 +60,48 @@ def random_pixels(batch: int, size: int, seed: int) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def narrow():
-    """timm's narrow encoder with every parameter (and buffer) random, the same weights in transformers' vision
-    tower and in ours (loaded strict, so the state-dict keys are timm's exactly)."""
+def same_weights(model_args: dict) -> dict:
+    """timm's encoder built from `model_args` with every parameter (and buffer) random, the same weights in
+    transformers' vision tower and in ours (loaded strict, so the state-dict keys are timm's exactly)."""
     import timm
     from transformers import AutoModel, Gemma3nVisionConfig
 
-    timm_model = timm.create_model(ARCHITECTURE, pretrained=False, **TEST_VISION_ARGS).eval()
+    # copies: timm builds its blocks from block_args in place (models.hf_reference.timm_safe_build)
+    timm_model = timm.create_model(ARCHITECTURE, pretrained=False, **copy.deepcopy(model_args)).eval()
     randomise_(timm_model, SEED)
     randomised_buffers = randomise_buffers_(timm_model, SEED)
     state = timm_model.state_dict()
 
-    hf_config = Gemma3nVisionConfig(architecture=ARCHITECTURE, model_args=TEST_VISION_ARGS, hidden_size=2048)
+    hf_config = Gemma3nVisionConfig(architecture=ARCHITECTURE, model_args=copy.deepcopy(model_args), hidden_size=2048)
+    config_json = hf_config.to_dict()
     tower = AutoModel.from_config(hf_config).eval()
     tower.timm_model.load_state_dict(state, strict=True)
 
-    ours = MobileNetV5(VisionConfig.from_hf_dict(hf_config.to_dict())).eval()
+    ours = MobileNetV5(VisionConfig.from_hf_dict(config_json)).eval()
     ours.load_state_dict(state, strict=True)
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f"\nnarrow encoder: {n_params} parameters, randomised buffers: {randomised_buffers}")
+    print(f"\n{sorted(model_args)}: {n_params} parameters, randomised buffers: {randomised_buffers}")
     return {"timm": timm_model, "tower": tower, "ours": ours, "eager_768": None}
+
+
+@pytest.fixture(scope="module")
+def narrow():
+    return same_weights(NARROW_ARGS)
+
+
+@torch.no_grad()
+def test_the_default_models_shallow_encoder_matches_timm_and_transformers():
+    """model_args' block_args (what the default model's config.json carries) build the same 12 blocks in timm,
+    in transformers' vision tower and in ours."""
+    shallow = same_weights(TEST_VISION_ARGS)
+    assert [len(stage) for stage in shallow["ours"].blocks] == [len(stage) for stage in shallow["timm"].blocks] == [
+        2, 2, 5, 3]
+    x = random_pixels(1, 256, seed=5)
+    ref = shallow["timm"].forward_features(x)
+    assert torch.equal(shallow["tower"](pixel_values=x, do_pooling=False).last_hidden_state, ref)
+    err = relative_error(shallow["ours"](x), ref)
+    print(f"\nshallow encoder at 256x256: max|ours - timm| / max|timm| = {err:.2e}")
+    assert err <= REL_TOL
 
 
 @torch.no_grad()
@@ -170,6 +203,27 @@ def test_vision_config_from_hf_dict():
         VisionConfig.from_hf_dict({"model_args": {"depth": 3}})
     with pytest.raises(CheckpointError, match="hidden_size is 1024"):
         VisionConfig.from_hf_dict({"hidden_size": 1024})
+    # The published blocks given as block_args are the published encoder.
+    published_args = {"block_args": timm_block_args(MOBILENETV5_300M)}
+    assert VisionConfig.from_hf_dict({"model_args": published_args}) == VisionConfig()
+
+
+@pytest.mark.parametrize("block_args, message", [
+    ([[{"block_type": "er", "out_chs": 8, "stride": 2, "exp_kernel_size": 3, "exp_ratio": 4.0}]],
+     "at least two non-empty stages"),
+    ([[{"block_type": "ir"}], [{"block_type": "er"}]], r"block_args\[0\]\[0\]: block_type must be one of"),
+    ([[{"block_type": "er", "out_chs": 8, "stride": 2, "exp_kernel_size": 3, "exp_ratio": 4.0, "se_ratio": 0.25}],
+      [{"block_type": "er"}]], r"block_args\[0\]\[0\]: \['se_ratio'\] not supported"),
+    ([[{"block_type": "er", "out_chs": 8, "stride": 2, "exp_kernel_size": 3, "exp_ratio": 4.0}],
+      [{"block_type": "uir", "out_chs": 16, "stride": 2, "dw_kernel_size_start": 3, "exp_ratio": 4.0}]],
+     r"block_args\[1\]\[0\]: malformed uir block \('dw_kernel_size_mid'\)"),
+    ([[{"block_type": "er", "out_chs": 8, "stride": 2, "exp_kernel_size": 3, "exp_ratio": 4.0}],
+      [{"block_type": "mqa", "out_chs": 16, "dw_kernel_size": 3, "num_heads": 2, "key_dim": 8, "value_dim": 8,
+        "kv_stride": 1}]], r"block_args\[1\]\[0\]: malformed mqa block \(attention blocks keep the width"),
+])
+def test_bad_block_args_name_the_block(block_args, message):
+    with pytest.raises(CheckpointError, match=message):
+        VisionConfig.from_hf_dict({"model_args": {"block_args": block_args}})
 
 
 # --- preprocessing ------------------------------------------------------------------------------------------------
