@@ -20,6 +20,7 @@ from contract.bundle import PLE_ASSET_FILE
 from exporters.coreml import (
     AUDIO_PACKAGE,
     ENCODER_WEIGHT_OPS,
+    MIN_QUANTIZED_ELEMENTS,
     VISION_PACKAGE,
     WEIGHTS_DIR,
     compress,
@@ -67,7 +68,7 @@ def whole(default_gemma3n):
 
 @pytest.fixture(scope="module")
 def encoder_functions(whole):
-    """The fp16 functions of both packages, converted once (~50 s of CPU: MobileNet-V5 is 5,500 MIL ops)."""
+    """The fp16 functions of both packages, converted once."""
     return convert_encoder_packages(whole, SPEC)
 
 
@@ -94,8 +95,8 @@ def test_float_packages_have_the_encoders_signatures_and_ops(whole, float_dir):
     embedder = VisionEmbedder(whole)
     # One MIL conv per convolution of MobileNet-V5, one softmax per multi-query attention block: nothing unrolled or
     # dropped; float weights are plain fp16 consts.
-    assert fn["ops"]["conv"] == sum(isinstance(m, torch.nn.Conv2d) for m in embedder.modules()) == 282
-    assert fn["ops"]["softmax"] == sum(type(m).__name__ == "MultiQueryAttention2d" for m in embedder.modules()) == 33
+    assert fn["ops"]["conv"] == sum(isinstance(m, torch.nn.Conv2d) for m in embedder.modules()) == 41
+    assert fn["ops"]["softmax"] == sum(type(m).__name__ == "MultiQueryAttention2d" for m in embedder.modules()) == 2
     assert not any(op.startswith("constexpr") for op in fn["ops"])
 
     assert list(audio["functions"]) == ["audio_encoder"] and audio["default_function"] == "audio_encoder"
@@ -124,14 +125,20 @@ def test_int8_packages_quantize_every_conv_and_linear_weight_and_halve_the_visio
         assert summary["default_function"] == float_summary["default_function"]
         for name, fn in summary["functions"].items():
             assert signature(fn) == signature(float_summary["functions"][name])
-            # Exactly the weights the eager simulation rounds (vision 223: 222 convs and the embedder's projection;
+            # Exactly the weights the eager simulation rounds (vision 24: 23 convs and the embedder's projection;
             # audio 5 linears), and no folded activation constant.
             assert fn["ops"][QUANTIZED] == quantizable_weights(embedder)
     ratio = (summarize_mlpackage(int8_dir / VISION_PACKAGE)["weight_bytes"]
              / summarize_mlpackage(float_dir / VISION_PACKAGE)["weight_bytes"])
-    # 1 byte instead of 2 per quantized weight, plus an fp16 scale per output channel and the small fp16 weights:
-    # measured 0.515.
-    assert 0.5 <= ratio <= 0.53
+    # 1 byte instead of 2 per quantized weight, plus an fp16 scale per output channel, and the small weights in fp16
+    # as before (0.54 for the default model's 12 blocks; the published 84 at the same width measured 0.515, and
+    # this count gives 0.516 for them).
+    embedder = VisionEmbedder(whole)
+    layers = [m for m in embedder.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear))
+              and m.weight.numel() > MIN_QUANTIZED_ELEMENTS]
+    total, quantized = sum(p.numel() for p in embedder.parameters()), sum(m.weight.numel() for m in layers)
+    scales = sum(m.weight.shape[0] for m in layers)
+    assert ratio == pytest.approx((quantized + 2 * (total - quantized) + 2 * scales) / (2 * total), rel=0.01)
 
 
 def int8_levels(weight):
@@ -161,7 +168,7 @@ def test_int8_weights_are_rounded_as_the_simulation_rounds_them(whole, int8_dir)
     # levels one off), and the embedder's projection.
     fused = [op for op in quantized if op.name.startswith("mul_")]
     projections = [m.output.proj.weight.detach() for m in fp16.modules() if type(m).__name__ == "MultiQueryAttention2d"]
-    assert (len(named), len(fused), len(quantized)) == (189, 33, 223)
+    assert (len(named), len(fused), len(quantized)) == (21, 2, 24)
     for op, weight in zip(fused, projections):
         levels = int8_levels(weight)
         assert op.data.val.shape == levels.shape
@@ -202,7 +209,7 @@ def test_vision_sizes_share_one_copy_of_the_weights(whole, encoder_functions, fl
         fn = summary["functions"][f"vision_encoder_{size}"]
         assert signature(fn) == ([("pixel_values", [1, 3, size, size], "float32")],
                                  [("image_embeddings", [1, 256, H], "float32")])
-        assert fn["ops"]["conv"] == 282 and fn["ops"]["softmax"] == 33
+        assert fn["ops"]["conv"] == 41 and fn["ops"]["softmax"] == 2
     one_size = summarize_mlpackage(float_dir / VISION_PACKAGE)["weight_bytes"]
     # Measured: the same bytes (within the blob alignment) as one size; three copies would be 3x.
     assert one_size <= summary["weight_bytes"] <= 1.01 * one_size
