@@ -131,14 +131,16 @@ def sample_inputs(model: TextDecoder, length: int, start: int = 0) -> tuple[Tens
     )
 
 
-# Ops whose fp16 result is wrong where the model's float32 is right (both found by the coreml-mil executor, fp16 vs
+# Ops whose fp16 result is wrong where the model's float32 is right (all found by the coreml-mil executor, fp16 vs
 # fp32 op by op): RoPE's angles (position x inverse frequency: at position 216 fp16 already rounds them by 0.06 rad,
-# past 2048 the positions themselves) and running sums (the audio stem's cumulative group norm sums 512 values per
-# frame over 1,499 frames: 1e6, beyond fp16's 65,504, then inf and NaN).
-FP32_SINKS = ("cos", "sin", "cumsum")
+# past 2048 the positions themselves), running sums (the audio stem's cumulative group norm sums 512 values per
+# frame over 1,499 frames: 1e6, beyond fp16's 65,504, then inf and NaN) and an RMS norm's mean of squares (its
+# squares overflow past |x| = 256: the vision embedder normalises the tower's output scaled by sqrt(2048), values up
+# to 312 on the default model: their squares overflowed and the image embeddings came out wrong by 2.7 of 3.0).
+FP32_SINKS = ("cos", "sin", "cumsum", "reduce_mean")
 # The cheap ops on the way into a sink, kept float32 with it when every use of their result leads there.
 FP32_CHAIN = ("cast", "mul", "add", "sub", "real_div", "concat", "expand_dims", "reshape", "squeeze", "transpose",
-              "tile", "slice_by_index", "reduce_sum")
+              "tile", "slice_by_index", "reduce_sum", "pow")
 
 
 def fp16_op_selector():
