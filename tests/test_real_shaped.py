@@ -25,7 +25,7 @@ def test_streamed_draws_equal_the_whole_models_draws():
     for name, tensor in random_tensors(shapes, seed=5, dtype=torch.float32, block=64):
         assert torch.equal(tensor, whole[name].detach()), name
         seen += 1
-    assert seen == len(whole) > 700
+    assert seen == len(whole) > 300  # every tensor: the text decoder, the 12-block vision tower, the audio tower
 
 
 def test_random_checkpoint_loads_in_transformers_and_ours(capsys, tmp_path):
