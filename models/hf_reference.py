@@ -51,7 +51,7 @@ def hf_config(cfg: TextConfig, layout: str = CAUSAL_LM, vision_args: dict | None
     tokens = media_token_ids(cfg)
     vision = Gemma3nVisionConfig(
         architecture="mobilenetv5_300m_enc",
-        model_args=copy.deepcopy(TEST_VISION_ARGS if vision_args is None else vision_args),
+        model_args=TEST_VISION_ARGS if vision_args is None else vision_args,
         hidden_size=2048,
         vocab_offset=tokens["vision_vocab_offset"],
         vocab_size=tokens["media_vocab_size"],
@@ -94,12 +94,13 @@ def random_hf_model(cfg: TextConfig = TINY, layout: str = CAUSAL_LM, seed: int =
 
 
 def timm_safe_build(cls, config):
-    """cls(config), with config.vision_config.model_args as they were: timm builds its blocks from model_args'
-    block_args in place (it pops and rewrites their keys), so a config that gave them would otherwise save, or build
-    a second model from, what is left."""
-    args = copy.deepcopy(config.vision_config.model_args)
+    """cls(config), built from a copy of config.vision_config.model_args: timm builds its blocks from model_args'
+    block_args in place (it pops and rewrites their keys), so the config (and whatever dict it was given, e.g.
+    TEST_VISION_ARGS) would otherwise save, or build a second model from, what is left."""
+    given = config.vision_config.model_args
+    config.vision_config.model_args = copy.deepcopy(given)
     model = cls(config)
-    config.vision_config.model_args = args
+    config.vision_config.model_args = given
     return model
 
 

@@ -51,90 +51,7 @@ from models.errors import CheckpointError, InputError
 ARCHITECTURE = "mobilenetv5_300m_enc"
 
 
-# --- configuration ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    """Gemma3nVisionConfig as far as the encoder is concerned: timm's `mobilenetv5_300m_enc` and its model_args.
-
-    channel_multiplier scales every block's width (not the stem's when below 1, nor the attention heads, as in
-    timm); 1.0 is the published encoder (E2B and E4B share it). stages: the blocks, stage by stage (default: the
-    published architecture; model_args' `block_args`, which timm takes in place of its own, can give others). The
-    MSFA always outputs `hidden_size` = 2048 channels on a 16x16 grid."""
-
-    channel_multiplier: float = 1.0
-    hidden_size: int = 2048
-    msfa_output_resolution: int = 16
-    rms_norm_eps: float = 1e-6  # timm's RmsNorm2d default; vision_config.rms_norm_eps is the embedder's, not this
-    stages: tuple[tuple, ...] = ()  # () = MOBILENETV5_300M (defined below)
-
-    # Keys of model_args that only matter for training (dropout); anything else unknown is an error.
-    _TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate")
-
-    def __post_init__(self):
-        if not self.channel_multiplier > 0:
-            raise CheckpointError(
-                f"vision_config.model_args: channel_multiplier must be > 0, got {self.channel_multiplier}"
-            )
-        if self.hidden_size != 2048:
-            raise CheckpointError(
-                f"vision_config.hidden_size is {self.hidden_size}, but {ARCHITECTURE} always outputs 2048 channels"
-            )
-
-    @property
-    def blocks(self) -> tuple[tuple, ...]:
-        return self.stages or MOBILENETV5_300M
-
-    @property
-    def model_args(self) -> dict:
-        """The timm.create_model keyword arguments that build the same network."""
-        args = {} if self.channel_multiplier == 1.0 else {"channel_multiplier": self.channel_multiplier}
-        if self.blocks != MOBILENETV5_300M:
-            args["block_args"] = timm_block_args(self.blocks)
-        return args
-
-    @classmethod
-    def from_hf_dict(cls, d: dict) -> "VisionConfig":
-        """From the `vision_config` object of a Gemma 3n config.json (missing keys take transformers' defaults)."""
-        architecture = d.get("architecture", ARCHITECTURE)
-        if architecture != ARCHITECTURE:
-            raise CheckpointError(
-                f"config.json: vision_config.architecture is {architecture!r}; only {ARCHITECTURE!r} is supported"
-            )
-        args = d.get("model_args") or {}
-        if not isinstance(args, dict):
-            raise CheckpointError(f"config.json: vision_config.model_args must be an object, got {args!r}")
-        unknown = sorted(set(args) - {"channel_multiplier", "block_args", *cls._TRAINING_ONLY_ARGS})
-        if unknown:
-            raise CheckpointError(
-                f"config.json: vision_config.model_args {unknown} are not supported (only channel_multiplier and "
-                "block_args)"
-            )
-        stages = stages_from_block_args(args["block_args"]) if "block_args" in args else ()
-        try:
-            return cls(
-                channel_multiplier=float(args.get("channel_multiplier", 1.0)),
-                hidden_size=int(d.get("hidden_size", 2048)),
-                stages=() if stages == MOBILENETV5_300M else stages,
-            )
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"config.json: malformed vision_config ({e})") from None
-
-
-def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-    """timm's channel rounding: the nearest multiple of `divisor` (at least `divisor`), never more than 10% below v."""
-    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    if new_v < round_limit * v:
-        new_v += divisor
-    return new_v
-
-
-def round_channels(channels: int, multiplier: float) -> int:
-    return make_divisible(channels * multiplier)
-
-
-# --- the architecture ---------------------------------------------------------------------------------------------
+# --- the architecture and its configuration ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -261,6 +178,82 @@ def stages_from_block_args(block_args) -> tuple[tuple, ...]:
             width = spec.out_chs
         stages.append(tuple(specs))
     return tuple(stages)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Gemma3nVisionConfig as far as the encoder is concerned: timm's `mobilenetv5_300m_enc` and its model_args.
+
+    channel_multiplier scales every block's width (not the stem's when below 1, nor the attention heads, as in
+    timm); 1.0 is the published encoder (E2B and E4B share it). stages: the blocks, stage by stage (default: the
+    published architecture; model_args' `block_args`, which timm takes in place of its own, can give others). The
+    MSFA always outputs `hidden_size` = 2048 channels on a 16x16 grid."""
+
+    channel_multiplier: float = 1.0
+    hidden_size: int = 2048
+    msfa_output_resolution: int = 16
+    rms_norm_eps: float = 1e-6  # timm's RmsNorm2d default; vision_config.rms_norm_eps is the embedder's, not this
+    stages: tuple[tuple, ...] = MOBILENETV5_300M
+
+    # Keys of model_args that only matter for training (dropout); anything else unknown is an error.
+    _TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate")
+
+    def __post_init__(self):
+        if not self.channel_multiplier > 0:
+            raise CheckpointError(
+                f"vision_config.model_args: channel_multiplier must be > 0, got {self.channel_multiplier}"
+            )
+        if self.hidden_size != 2048:
+            raise CheckpointError(
+                f"vision_config.hidden_size is {self.hidden_size}, but {ARCHITECTURE} always outputs 2048 channels"
+            )
+
+    @property
+    def model_args(self) -> dict:
+        """The timm.create_model keyword arguments that build the same network."""
+        args = {} if self.channel_multiplier == 1.0 else {"channel_multiplier": self.channel_multiplier}
+        if self.stages != MOBILENETV5_300M:
+            args["block_args"] = timm_block_args(self.stages)
+        return args
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "VisionConfig":
+        """From the `vision_config` object of a Gemma 3n config.json (missing keys take transformers' defaults)."""
+        architecture = d.get("architecture", ARCHITECTURE)
+        if architecture != ARCHITECTURE:
+            raise CheckpointError(
+                f"config.json: vision_config.architecture is {architecture!r}; only {ARCHITECTURE!r} is supported"
+            )
+        args = d.get("model_args") or {}
+        if not isinstance(args, dict):
+            raise CheckpointError(f"config.json: vision_config.model_args must be an object, got {args!r}")
+        unknown = sorted(set(args) - {"channel_multiplier", "block_args", *cls._TRAINING_ONLY_ARGS})
+        if unknown:
+            raise CheckpointError(
+                f"config.json: vision_config.model_args {unknown} are not supported (only channel_multiplier and "
+                "block_args)"
+            )
+        stages = stages_from_block_args(args["block_args"]) if "block_args" in args else MOBILENETV5_300M
+        try:
+            return cls(
+                channel_multiplier=float(args.get("channel_multiplier", 1.0)),
+                hidden_size=int(d.get("hidden_size", 2048)),
+                stages=stages,
+            )
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json: malformed vision_config ({e})") from None
+
+
+def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """timm's channel rounding: the nearest multiple of `divisor` (at least `divisor`), never more than 10% below v."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+def round_channels(channels: int, multiplier: float) -> int:
+    return make_divisible(channels * multiplier)
 
 
 # --- layers -------------------------------------------------------------------------------------------------------
@@ -470,7 +463,7 @@ class MobileNetV5(nn.Module):
         stem_chs = STEM_CHANNELS if m < 1.0 else round_channels(STEM_CHANNELS, m)  # timm's fix_stem
         self.conv_stem = ConvNormAct(3, stem_chs, 3, stride=2, bias=True, eps=eps)
         in_chs, stages, stage_chs = stem_chs, [], []
-        for stage in cfg.blocks:
+        for stage in cfg.stages:
             blocks = []
             for spec in stage:
                 out_chs = round_channels(spec.out_chs, m)
