@@ -118,7 +118,8 @@ def run(options: Options) -> dict:
 
 def _process_rows(bench: Bench, only: set[str]) -> None:
     o, p, work = bench.options, bench.preset, bench.work
-    quants = ("int8",) if o.quick else ("int8", "none")
+    # The TTFT row runs the int8 files only.
+    quants = ("int8",) if o.quick or not only & {"litertlm", "roofline", "transformers"} else ("int8", "none")
     # --quick lowers ExecuTorch float: its 8da8w lowering of even the 4-layer model took 6.5 of make long's minutes.
     et_quant = "none" if o.quick else "8da8w"
     et = f"executorch {et_quant}"
