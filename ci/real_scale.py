@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.errors import G3nError  # noqa: E402
+from models.fileio import drop_from_page_cache  # noqa: E402
 from runtime_py.bench import distinct_ids  # noqa: E402
-from runtime_py.bench.measure import drop_from_page_cache, run_measured  # noqa: E402
+from runtime_py.bench.measure import run_measured  # noqa: E402
 from runtime_py.bench.report import write_table  # noqa: E402
 from runtime_py.bench.subjects import CHILD  # noqa: E402
 from runtime_py.bundle import ENCODER_QUANT_LEVELS, PLE_LEVELS, QUANT_LEVELS  # noqa: E402

@@ -1,4 +1,4 @@
-"""Output folders that appear whole or not at all."""
+"""Output folders that appear whole or not at all, and a file's pages dropped from the page cache."""
 
 from __future__ import annotations
 
@@ -52,3 +52,15 @@ def read_json_object(folder: Path, name: str, what: str, missing_hint: str, erro
     if not isinstance(raw, dict):
         raise error(f"{path}: expected a JSON object")
     return raw
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evicts a file's pages from the page cache (written back first, so that fresh files' pages go too); pages a
+    mapping holds stay. The bench measures residency after it; runtime_py's executorch backend drops what its loads
+    read ahead."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -12,8 +12,9 @@ import tempfile
 import pytest
 import torch
 
+from models.fileio import drop_from_page_cache
 from runtime_py.bench import ROWS, decode_bytes
-from runtime_py.bench.measure import drop_from_page_cache, interleaved, resident_share, tree_rss_kib
+from runtime_py.bench.measure import interleaved, resident_share, tree_rss_kib
 from runtime_py.bench.subjects import PRESETS
 from tests.conftest import assert_one_error_line, run_cli
 

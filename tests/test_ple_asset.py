@@ -168,9 +168,10 @@ def test_the_executorch_backend_pages_in_only_the_rows_it_reads(tmp_path):
     from dataclasses import replace
 
     from models.config import TINY
+    from models.fileio import drop_from_page_cache
     from models.random_init import randomise_
     from models.text import TextDecoder
-    from runtime_py.bench.measure import drop_from_page_cache, resident_share
+    from runtime_py.bench.measure import resident_share
     from runtime_py.executors.executorch_executor import load_program, pages_on_demand
 
     cfg = replace(TINY, vocab_size=65536, vocab_size_per_layer_input=65536, hidden_size_per_layer_input=32)

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from exporters import memo
 from models.errors import InputError
-from runtime_py.bench.measure import cpu_name, drop_from_page_cache, run_measured
+from models.fileio import drop_from_page_cache
+from runtime_py.bench.measure import cpu_name, run_measured
 from runtime_py.bench.subjects import CHILD, PRESETS, Preset, Work
 
 ROWS = ("litertlm", "ttft", "kv-shared", "roofline", "transformers", "slice", "ple", "vision", "audio")

@@ -96,16 +96,6 @@ def memory_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / seconds["sum"]
 
 
-def drop_from_page_cache(path: Path) -> None:
-    """Evicts a file's clean pages from the page cache, so that residency measured afterwards is what a run read."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def resident_share(path: Path, begin: int = 0, end: int | None = None) -> float:
     """The share of the pages of path[begin:end] that are in the page cache (mincore over a fresh mapping): what any
     process reading that file has brought into memory, whether through a mapping or read()."""

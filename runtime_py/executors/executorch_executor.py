@@ -8,7 +8,6 @@ the same program's encoder methods."""
 from __future__ import annotations
 
 import ctypes
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from contract.bundle import (
 )
 from models.encoders import runner_audio_input
 from models.errors import InputError
+from models.fileio import drop_from_page_cache
 from runtime_py.executors.base import check_image_size, native_output_to_log
 
 _CAP_IPC_LOCK, _MADV_RANDOM = 14, 1  # linux/capability.h, asm-generic/mman-common.h
@@ -69,7 +69,7 @@ def pages_on_demand(*files: Path):
         if libc is not None and files:
             _advise_random(libc, {str(Path(f).resolve()) for f in files})
             for f in files:
-                _drop_unmapped_pages(Path(f))
+                drop_from_page_cache(Path(f))
 
 
 def _advise_random(libc, paths: set[str]) -> None:
@@ -83,17 +83,6 @@ def _advise_random(libc, paths: set[str]) -> None:
         if len(fields) == 6 and fields[5] in paths:
             begin, end = (int(x, 16) for x in fields[0].split("-"))
             libc.madvise(begin, end - begin, _MADV_RANDOM)
-
-
-def _drop_unmapped_pages(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def load_program(pte: Path, ptd: Path):
