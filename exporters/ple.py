@@ -81,20 +81,22 @@ def quantize_rows(table: Tensor, storage: str, groups: int) -> dict[str, Tensor]
 class RowTable(nn.Module):
     """A lookup table as the exporters store one: ids -> float32 rows, from int8 rows with one scale per row, int4
     rows with one scale per group (`quantize_rows`), or fp16/bf16/fp32 rows. The PLE table and a quantized
-    program's token embedding."""
+    program's token embedding. scale_dtype: how the scales are stored (float32, as the PLE asset's; bf16 halves
+    an int4 table's scales, at 0.4% of a scale against int4's steps of 1/7 of the block's largest value)."""
 
-    def __init__(self, table: Tensor, storage: str, groups: int = 1):
+    def __init__(self, table: Tensor, storage: str, groups: int = 1, scale_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.int4 = storage == "int4"
         stored = quantize_rows(table, storage, groups)
         self.register_buffer("rows", stored["rows"])
-        self.register_buffer("row_scales", stored.get("row_scales"))
+        scales = stored.get("row_scales")
+        self.register_buffer("row_scales", None if scales is None else scales.to(scale_dtype))
 
     def forward(self, ids: Tensor) -> Tensor:
         rows = F.embedding(ids, self.rows)
         if self.row_scales is None:
             return rows.float()
-        scales = F.embedding(ids, self.row_scales)
+        scales = F.embedding(ids, self.row_scales).float()
         if not self.int4:
             return rows.float() * scales
         return (unpack_int4(rows).unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]).flatten(-2)

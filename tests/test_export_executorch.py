@@ -230,6 +230,26 @@ def test_int8_weight_only_with_int8_ple(model, prompt, eager, float_export, tmp_
     assert error < 0.3
 
 
+@pytest.mark.parametrize("block_size", [32, None])
+def test_8da4w_takes_the_largest_block_that_divides_each_linear(model, block_size):
+    """8da4w quantizes each Linear in the largest multiple of 32 up to the spec's block size (ExecuTorch's default:
+    128, as its Llama exports) that divides its input, and leaves float only a Linear that no such block divides:
+    on the tiny model the hidden size (64) takes blocks of 64 and the FFN's down projection (128) blocks of 128, while
+    the PLE width (16) and the LAuReL rank (8) stay float."""
+    spec = ExportSpec("executorch", cache_len=CACHE_LEN, prefill_lengths=(PROMPT_LEN,), quant="8da4w",
+                      block_size=block_size)
+    decoder = export_decoder(model, CACHE_LEN)
+    quantize_decoder_(decoder, spec)
+    blocks = {}
+    for fqn, linear in decoder.named_modules():
+        if isinstance(linear, torch.nn.Linear) and not fqn.endswith("_coefs"):
+            weight = linear.weight.detach()
+            blocks[fqn] = None if type(weight) is torch.Tensor else weight.block_size[-1]
+    expected = {32: {8: None, 16: None, 64: 32, 128: 32}, None: {8: None, 16: None, 64: 64, 128: 128}}[block_size]
+    assert blocks == {fqn: expected[decoder.get_submodule(fqn).in_features] for fqn in blocks}
+    assert set(blocks.values()) == set(expected.values())  # every case is on the tiny model
+
+
 @pytest.mark.parametrize("quant", ["none", "8da4w", "int8-weight-only"])
 def test_a_bf16_model_exports_as_its_float32_copy_would(model, quant):
     """`g3n export --target executorch` keeps a bf16 checkpoint bf16 and casts a layer at a time (a float32 E2B does
