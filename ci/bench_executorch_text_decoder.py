@@ -47,6 +47,7 @@ def main() -> None:
 
     t0 = time.time()
     programs = {"decode": export(1, False), f"prefill_{PROMPT}": export(PROMPT, False), "text_decoder": export(2, True)}
+    names = list(programs)
     lowered = lower(programs, {})
     print(f"exported and lowered in {time.time() - t0:.0f} s", flush=True)
     from executorch.runtime import Runtime
@@ -55,7 +56,7 @@ def main() -> None:
         pte = Path(tmp) / "decoder.pte"
         pte.write_bytes(lowered.buffer)
         program = Runtime.get().load_program(pte)
-        methods = {name: program.load_method(name) for name in programs}
+        methods = {name: program.load_method(name) for name in names}
         one, chunk = torch.randn(1, 1, width), torch.randn(1, PROMPT, width)
         prefill, positions = methods[f"prefill_{PROMPT}"], torch.arange(PROMPT)
         calls = {

@@ -402,9 +402,24 @@ def _quantize_8da8w(program: torch.export.ExportedProgram, args: tuple) -> torch
 
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
     quantizer = DynamicQuantizer().set_global(config).set_filter_function(quantizable_node)
-    prepared = prepare_pt2e(program.module(), quantizer)
-    prepared(*args)  # the weight observers record each channel's range
-    return torch.export.export(convert_pt2e(prepared), args, strict=False)
+    try:
+        prepared = prepare_pt2e(program.module(), quantizer)
+        prepared(*args)  # the weight observers record each channel's range
+        return torch.export.export(convert_pt2e(prepared), args, strict=False)
+    finally:
+        forget_quantized_modules()
+
+
+def forget_quantized_modules() -> None:
+    """Empties the caches that keep every module PT2E prepared or converted alive: its device checks (torch.ao's
+    assert_and_get_unique_device and torchao's copy of it) are functools caches keyed by the module, which held the
+    float32 copies of E2B's encoders (0.98B parameters, 3.9 GB) through the whole export."""
+    from torch.ao.quantization.fx import utils as ao_utils
+    from torchao import utils as torchao_utils
+
+    for check in (ao_utils.assert_and_get_unique_device, torchao_utils._assert_and_get_unique_device):
+        if hasattr(check, "cache_clear"):  # a version that no longer caches them
+            check.cache_clear()
 
 
 def encoder_program(embedder: nn.Module, args: tuple, recipe: str) -> torch.export.ExportedProgram:
@@ -620,7 +635,10 @@ def bounded_dynamic_quant_layout():
 
 def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None):
     """One program of `programs` (name -> ExportedProgram), each lowered to XNNPACK, plus `aliases` (name -> the
-    name of a lowered method it repeats: the default vision size, lowered once)."""
+    name of a lowered method it repeats: the default vision size, lowered once). Empties `programs` once they are
+    lowered: the delegates hold their weights as bytes, and the exported programs' own (the encoders' float32 copies
+    and the decoder's int4 values one per byte) would otherwise stay through the planning and serialisation, the
+    export's peak."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackPartitioner,
     )
@@ -641,6 +659,8 @@ def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None)
             # check of ExecuTorch's own passes (the programs' outputs are tested against the float model instead).
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
+    programs.clear()
+    release_delegated_weights_(edge)
     if aliases:
         # A copy per name: to_executorch plans memory in each method's graph in place. The delegate's weights are
         # bytes filed by their hash, so the copy adds a method, not weights.
@@ -656,6 +676,30 @@ def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None)
             external_constants=is_ple_constant,
         )
     )
+
+
+def release_delegated_weights_(edge) -> None:
+    """Each XNNPACK delegate keeps the program it was lowered from, weights and all, beside the bytes it packed them
+    into (ExecuTorch's named data); the emitter reads only that program's graph (debug handles, outputs), and
+    to_executorch's passes only its shapes. Its weights become stubs here, so that planning and serialisation hold
+    each weight once: on E2B the decoder's int4 values one per byte (2.4 GB) and the encoders' int8 weights."""
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    def on_meta(value):
+        if not isinstance(value, Tensor):
+            return value
+        # One element seen at every index: the shape and dtype that ExecuTorch's passes propagate through the
+        # delegate call (with fake tensors, on the CPU as the inputs are), no bytes. A Parameter stays one: the
+        # program's verifier checks that.
+        stub = torch.zeros((), dtype=value.dtype).expand(value.shape)
+        return nn.Parameter(stub, value.requires_grad) if isinstance(value, nn.Parameter) else stub
+
+    for name in edge.methods:
+        for module in edge.exported_program(name).graph_module.modules():
+            if isinstance(module, LoweredBackendModule):
+                original = module.original_module
+                original._state_dict = {key: on_meta(value) for key, value in original.state_dict.items()}
+                original._constants = {key: on_meta(value) for key, value in original.constants.items()}
 
 
 def canonical_named_data_(edge) -> None:
