@@ -637,9 +637,8 @@ def bounded_dynamic_quant_layout():
 def lower(programs: dict, metadata: dict, aliases: dict[str, str] | None = None):
     """One program of `programs` (name -> ExportedProgram), each lowered to XNNPACK, plus `aliases` (name -> the
     name of a lowered method it repeats: the default vision size, lowered once). Empties `programs` once they are
-    lowered: the delegates hold their weights as bytes, and the exported programs' own (the encoders' float32 copies
-    and the decoder's int4 values one per byte) would otherwise stay through the planning and serialisation, the
-    export's peak."""
+    lowered: the delegates hold their weights as bytes, and the exported programs' own (the encoders' float32 copies)
+    would otherwise stay through the planning and serialisation."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackPartitioner,
     )
@@ -686,7 +685,7 @@ def release_delegated_weights_(edge) -> None:
     each weight once: on E2B the decoder's int4 values one per byte (2.4 GB) and the encoders' int8 weights."""
     from executorch.exir.lowered_backend_module import LoweredBackendModule
 
-    def on_meta(value):
+    def stubbed(value):
         if not isinstance(value, Tensor):
             return value
         # One element seen at every index: the shape and dtype that ExecuTorch's passes propagate through the
@@ -699,8 +698,8 @@ def release_delegated_weights_(edge) -> None:
         for module in edge.exported_program(name).graph_module.modules():
             if isinstance(module, LoweredBackendModule):
                 original = module.original_module
-                original._state_dict = {key: on_meta(value) for key, value in original.state_dict.items()}
-                original._constants = {key: on_meta(value) for key, value in original.constants.items()}
+                original._state_dict = {key: stubbed(value) for key, value in original.state_dict.items()}
+                original._constants = {key: stubbed(value) for key, value in original.constants.items()}
 
 
 def canonical_named_data_(edge) -> None:
