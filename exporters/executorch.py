@@ -406,9 +406,22 @@ def _quantize_8da8w(program: torch.export.ExportedProgram, args: tuple) -> torch
     try:
         prepared = prepare_pt2e(program.module(), quantizer)
         prepared(*args)  # the weight observers record each channel's range
-        return torch.export.export(convert_pt2e(prepared), args, strict=False)
+        converted = convert_pt2e(prepared)
+        drop_unread_parameters_(converted)
+        return torch.export.export(converted, args, strict=False)
     finally:
         forget_quantized_modules()
+
+
+def drop_unread_parameters_(module: torch.fx.GraphModule) -> None:
+    """Removes the parameters no node of `module`'s graph reads. convert_pt2e folds each quantized weight into a new
+    int8 constant and leaves the float32 one registered, unread; torch.export lifts it into the program all the same,
+    and the lowering, the export's peak, holds it: four fifths of the default vision encoder's program's bytes."""
+    read = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(module.named_parameters(remove_duplicate=False)):
+        if name not in read:
+            owner, _, leaf = name.rpartition(".")
+            delattr(module.get_submodule(owner), leaf)
 
 
 def forget_quantized_modules() -> None:
