@@ -35,7 +35,6 @@ The sizes' graphs read one copy of the vision weights: XNNPACK files constants b
 from __future__ import annotations
 
 import copy
-import itertools
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,6 +57,7 @@ from contract.bundle import (
 from exporters.memo import memoized
 from exporters.ple import PerLayerEmbedder, RowTable
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
+from exporters.weights import LinearHeadDecoder, decoder_half, float32_, float32_copy
 from models.encoders import (
     AudioEmbedder,
     VisionEmbedder,
@@ -71,20 +71,6 @@ from models.fileio import release_mapped_pages
 from models.multimodal import Gemma3n
 from models.text import RMSNorm, TextDecoder, in_dtype
 from models.vision import Conv2dSame, RMSNorm2d, same_padding
-
-
-class LinearHeadDecoder(TextDecoder):
-    """The decoder with its tied LM head as an nn.Linear of its own (sharing the embedding's storage), so that torchao
-    quantizes the head like any other Linear and the token-embedding table stays as it is."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        logits = self.lm_head(hidden)
-        cap = self.config.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 class XnnpackRMSNorm(nn.Module):
@@ -133,34 +119,10 @@ def swap_norms_(module: nn.Module) -> None:
                 setattr(parent, name, XnnpackRMSNorm2d(child))
 
 
-def sharing_copy(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose parameters and buffers are the original's tensors: module swaps and quantization
-    then replace attributes of the copy, never of the caller's model, and no weight is duplicated."""
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, memo)
-
-
-def float32_(module: nn.Module) -> nn.Module:
-    """`module` cast to float32 with new Parameter objects: a copy's cast never writes into the caller's shared
-    Parameters (a bf16 checkpoint stays bf16), and a float32 tensor is kept as it is, not copied."""
-    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
-    try:
-        return module.float()
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
-
-
 def export_decoder(model: TextDecoder, cache_len: int) -> LinearHeadDecoder:
-    """The decoder half of `model` (no PLE table) with its KV cache set up. Shares the weights' storage with `model`:
-    quantization replaces the copy's parameters and never writes into the caller's model."""
-    with torch.device("meta"):
-        decoder = LinearHeadDecoder(model.config)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("per_layer_embedding.")}
-    state["lm_head.weight"] = model.embed_tokens.weight.detach()
-    decoder.per_layer_embedding = None
-    decoder.load_state_dict(state, assign=True)
-    decoder.init_buffers()
+    """The decoder half of `model` (exporters.weights.decoder_half) with its KV cache set up. Shares the weights'
+    storage with `model`: quantization replaces the copy's parameters and never writes into the caller's model."""
+    decoder = decoder_half(model)
     decoder.setup_caches(cache_len)
     swap_norms_(decoder)
     clip_altup_coefs_(decoder)
@@ -285,12 +247,11 @@ def gelu_tanh(x: Tensor, approximate: str = "none") -> Tensor:
 
 def float32_quantized_(decoder: LinearHeadDecoder, spec: ExportSpec) -> None:
     """The decoder in float32, quantized for spec.quant, a layer at a time: beside a bf16 checkpoint only one layer
-    is ever float32 and unquantized (a whole E2B decoder is 8 GB in float32). The token embedding, which the graph
-    does not read (LinearHeadDecoder's head has its own Linear), is left in the checkpoint's dtype."""
+    is ever float32 and unquantized (a whole E2B decoder is 8 GB in float32)."""
     for layer in decoder.layers:
         quantize_decoder_(float32_(layer), spec)
     for name, part in decoder.named_children():
-        if name not in ("layers", "embed_tokens"):
+        if name != "layers":
             float32_(part)
     quantize_decoder_(decoder, spec)  # the rest: the layers' Linears are quantized already, and left so
 
@@ -439,7 +400,7 @@ def forget_quantized_modules() -> None:
 def encoder_program(embedder: nn.Module, args: tuple, recipe: str) -> torch.export.ExportedProgram:
     """One encoder (models.encoders' VisionEmbedder or AudioEmbedder) exported for XNNPACK, its weights quantized
     by `recipe` (spec.encoder_recipe: "", "int8wo" or "8da8w"). The caller's model is left as it is."""
-    embedder = float32_(sharing_copy(embedder)).eval()
+    embedder = float32_copy(embedder)
     swap_norms_(embedder)
     if recipe == "int8wo":
         # Depthwise convolutions stay in float: a few percent of the weights, and XNNPACK runs them only so.

@@ -377,8 +377,8 @@ class TextDecoder(nn.Module):
 
     def setup_caches(self, cache_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
         """One KV cache per layer that owns one; KV-shared layers get none."""
-        dtype = dtype or self.embed_tokens.weight.dtype
-        device = self.embed_tokens.weight.device
+        dtype = dtype or self.norm.weight.dtype  # the final norm: every decoder has one, exporters' halves too
+        device = self.norm.weight.device
         cfg = self.config
         for i in cfg.cache_owning_layers:
             self.layers[i].self_attn.kv_cache = KVCache(batch, cfg.num_kv_heads, cache_len, cfg.head_dim, dtype).to(

@@ -611,7 +611,7 @@ def cmd_export(args) -> int:
     from models.multimodal import Gemma3n
     from runtime_py.bundle import default_cache_len, output_to
 
-    model, source = _load_whole(args, own_dtype=args.target == "executorch")
+    model, source = _load_whole(args, own_dtype=args.target in ("executorch", "litert"))
     whole = isinstance(model, Gemma3n)
     spec = ExportSpec(
         target=args.target,

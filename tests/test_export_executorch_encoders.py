@@ -31,10 +31,10 @@ from exporters.executorch import (
     encoder_programs,
     export_executorch,
     lower,
-    sharing_copy,
     swap_norms_,
 )
 from exporters.spec import ENCODER_QUANT_SCHEMES, ExportSpec
+from exporters.weights import sharing_copy
 from models.default import default_gemma3n, default_model
 from models.encoders import golden_media, runner_audio_input
 from models.errors import InputError

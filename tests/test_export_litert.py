@@ -170,3 +170,62 @@ def test_caches_are_written_as_slices_and_read_without_copies(exported):
         cache_transposes = [op for kind, op in ops if kind == "TRANSPOSE"
                             and list(graph.tensors[op.inputs[0]].shape) in cache_shapes]
         assert len(cache_transposes) <= 2 * len(shared_sources), graph.name
+
+
+def test_every_weight_is_written_once(exported):
+    """The decoder's signatures (prefill_8, decode) read one copy of each weight. The converter folds the constant
+    multiply after a Linear into its weight; in lightweight conversion it did so once per signature, so the LM head
+    (2.1 GB in float32 on E2B) was written once per signature: exporters.weights.decoder_half folds it first."""
+    import hashlib
+
+    from ai_edge_litert import schema_py_generated as schema
+
+    _, path = exported
+    data = (path.parent / litert.DECODER_FILE).read_bytes()
+    tflite = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    assert len(tflite.subgraphs) == 2
+    weights = [bytes(b.data) if b.data is not None else data[b.offset:b.offset + b.size] for b in tflite.buffers]
+    digests = [hashlib.sha256(w).hexdigest() for w in weights if len(w) >= 4096]
+    cfg = exported[0].config
+    assert len(digests) >= 2 * cfg.num_layers and len(set(digests)) == len(digests)
+
+
+def test_a_bf16_model_converts_as_its_float32_copy_would(exported):
+    """`g3n export --target litert` keeps a bf16 checkpoint bf16 and casts each part to float32 while it converts (a
+    float32 E2B does not fit in 24 GB beside its conversion): the modules it converts (decoder with its scales
+    folded into the weights, token embedder) equal those of the float32 copy of the same bf16 weights, which the CLI
+    loaded before, and the caller's bf16 model is left as it was. The folded decoder equals the model's own graph
+    to float32 rounding. Eager, not converted: what differs is the casting, which the converter does not touch."""
+    from exporters.weights import decoder_half, float32_
+
+    from models.text import TextDecoder
+
+    model = exported[0]
+
+    def loaded(state: dict) -> TextDecoder:  # as load_pretrained builds one: the rotary buffers computed in float32
+        m = TextDecoder(model.config)
+        m.load_state_dict(state, assign=True)
+        m.init_buffers()
+        return m.eval()
+
+    bf16 = loaded({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    before = {k: v.clone() for k, v in bf16.state_dict().items()}
+    float_copy = loaded({k: v.float() for k, v in before.items()})
+    sample = litert.decoder_sample_inputs(model, 3, CACHE_LEN)
+    g = torch.Generator().manual_seed(0)
+    sample["embeddings"] = torch.randn(sample["embeddings"].shape, generator=g)
+    sample["per_layer_embeddings"] = torch.randn(sample["per_layer_embeddings"].shape, generator=g)
+    ids = torch.tensor([[2, 17, model.config.vocab_size - 1]])
+    outputs = []
+    with torch.no_grad():
+        for m in (bf16, float_copy):
+            decoder = litert.LiteRtLmDecoder(float32_(decoder_half(m, fold_scales=True)), last_position_only=False)
+            outputs.append([decoder(**sample), litert.TableLookup(m)(ids)])
+        unfolded = litert.LiteRtLmDecoder(float_copy, last_position_only=False)(**sample)
+    for ours, theirs in zip(*outputs):
+        assert all(v.dtype == torch.float32 and torch.equal(v, theirs[k]) for k, v in ours.items())
+    assert all(torch.allclose(outputs[1][0][k], v, rtol=1e-5, atol=1e-5) for k, v in unfolded.items())
+    assert torch.equal(outputs[1][1]["embeddings"], float_copy.embed(ids))  # the scale is a product either way
+    after = bf16.state_dict()
+    assert all(after[k].dtype == torch.bfloat16 or not v.is_floating_point() for k, v in before.items())
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -287,7 +287,7 @@ def test_the_decoder_sections_still_run(exported, model):
 def whole_model_lookup(model):
     """ids [1, T] -> (embeddings, per-layer rows) as the whole model embeds text ids: the ids of the embedders'
     vocabularies (the tiny tokenizer's pieces 320..383 among them) take their embedders' rows."""
-    lookup = litert.TableLookup(model.language_model, "embed", (model.embed_vision, model.embed_audio))
+    lookup = litert.TableLookup(model.language_model, (model.embed_vision, model.embed_audio))
     return lambda ids: (lookup(ids)["embeddings"], model.language_model.per_layer_embedding(ids))
 
 
