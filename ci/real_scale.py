@@ -6,7 +6,9 @@ it left; the run goes on. Then each ExecuTorch cell's files run in our runtime's
 process (runtime_py.bench.children): a prompt of distinct ids (256, or fewer where the cache must keep room for the
 decoded tokens), then DECODE tokens: prefill and decode tokens/s, time to first token, the run's peak RSS and the
 share of the PLE table (.ptd) resident after the prompt (mincore); and ExecuTorch's stock MultimodalRunner on the same
-files, a short prompt: its peak RSS and the share of the .ptd resident. Rows of cells not run this time are kept;
+files, a short prompt: its peak RSS and the share of the .ptd resident. Each LiteRT cell's .litertlm runs in Google's
+LiteRT-LM engine (run_litert_cell), the same columns but the stock runner's (the engine is the stock runtime, and
+our runtime's litertlm backend). Rows of cells not run this time are kept;
 --runs-only measures the run columns of cells already exported, keeping their export columns."""
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ CELLS = [
     ("e2b", "executorch", "8da8w", True),
     ("e2b", "executorch", "8da4w", False),
     ("e4b", "executorch", "8da4w", False),
+    ("e2b", "litert", "int4-blockwise", False),
 ]
 PROMPT, DECODE = 256, 16
 EXPORT_COLUMNS = ("model", "target", "quant", "parts", "status", "export_s", "export_peak_rss_mib",
@@ -67,7 +70,15 @@ def export_cell(out: Path, preset: str, target: str, quant: str, text_only: bool
         return row | {"status": f"failed: {e}"}
     return row | {"status": "ok", "export_s": round(m["seconds"]), "export_peak_rss_mib": round(m["peak_rss_mib"]),
                   "export_peak_anon_mib": round(m["peak_anon_mib"]),
-                  "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
+                  "bytes": bundle_bytes(folder)}
+
+
+def bundle_bytes(folder: Path) -> int:
+    """What a phone loads: the .litertlm alone for LiteRT (the export leaves the .tflite files it packed beside it),
+    every file (.pte and .ptd) otherwise."""
+    litertlm = folder / "model.litertlm"
+    files = [litertlm] if litertlm.is_file() else [f for f in folder.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files)
 
 
 def run_cell(out: Path, row: dict, name: str) -> dict:
@@ -101,6 +112,38 @@ def run_cell(out: Path, row: dict, name: str) -> dict:
                   "decode_tok_s": round(result["decode_tok_s"], 2), "ttft_s": round(result["ttft_s"], 2),
                   "run_peak_rss_mib": round(m["peak_rss_mib"]), "run_peak_anon_mib": round(m["peak_anon_mib"]),
                   "ple_resident": f"{result['ple_resident_share']:.2%}"} | stock_columns
+
+
+def run_litert_cell(out: Path, row: dict, name: str) -> dict:
+    """The run columns of an exported LiteRT cell: Google's LiteRT-LM engine (which our runtime's litertlm backend
+    is) on the .litertlm, in fresh processes: its benchmark (a prompt of the same length, which it fills itself,
+    then DECODE tokens; XNNPACK's weight cache in a folder of its own, made by the first, untimed, load) for the
+    speeds, then a session prefilling a prompt of distinct ids as text for the share of the PLE section resident."""
+    import tempfile
+
+    from runtime_py.bench import _prompt_text
+
+    model = out / name / "model.litertlm"
+    cache = json.loads((out / name / "export.json").read_text())["spec"]["cache_len"]
+    config = json.loads((out / row["model"] / "config.json").read_text())
+    ids = distinct_ids(min(PROMPT, cache - DECODE), config.get("text_config", config)["vocab_size_per_layer_input"])
+    log = out / f"{name}.run.log"
+    print(f"{name}: running a {len(ids)}-token prompt and {DECODE} tokens", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=out) as xnn:
+        try:
+            run_measured(CHILD + ["engine", str(model), "2", xnn, "8", "1", str(cache)], log)  # builds the cache
+            drop_from_page_cache(model)
+            m = run_measured(CHILD + ["engine", str(model), "2", xnn, str(len(ids)), str(DECODE), str(cache)], log)
+            drop_from_page_cache(model)
+            text = _prompt_text(out / row["model"] / "tokenizer.model", ids)
+            ple = json.loads(run_measured(CHILD + ["engine-ple", str(model), "2", xnn, str(cache), text], log)["last"])
+        except G3nError as e:
+            return row | {"run": f"failed: {e}"}
+    result = json.loads(m["last"])
+    return row | {"run": "ok", "prompt_tokens": len(ids), "prefill_tok_s": round(result["prefill_tok_s"], 2),
+                  "decode_tok_s": round(result["decode_tok_s"], 2), "ttft_s": round(result["ttft_s"], 2),
+                  "run_peak_rss_mib": round(m["peak_rss_mib"]), "run_peak_anon_mib": round(m["peak_anon_mib"]),
+                  "ple_resident": f"{ple['ple_resident_share']:.2%}"}
 
 
 def stock_runner(pte: str, ptd: str, tokenizer: str) -> int:
@@ -142,8 +185,8 @@ def main() -> int:
             row = {k: v for k, v in old.items() if k in EXPORT_COLUMNS}
         else:
             row = export_cell(args.out, *cell)
-        if row.get("status") == "ok" and cell[1] == "executorch":
-            row = run_cell(args.out, row, name)
+        if row.get("status") == "ok":
+            row = (run_cell if cell[1] == "executorch" else run_litert_cell)(args.out, row, name)
         rows = [row if r is old else r for r in rows] if old is not None else rows + [row]
         write_table(rows, args.out / "real-scale")
     return 0

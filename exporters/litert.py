@@ -231,7 +231,7 @@ def convert(signatures: list[tuple[str, nn.Module, dict]], path: Path) -> Path:
     def run(out: Path) -> None:
         converter = litert_torch.Converter()
         for name, module, sample in signatures:
-            converter.signature(name, module, sample_kwargs=sample)
+            converter.signature(name, module.eval(), sample_kwargs=sample)
         converter.convert(lightweight_conversion=True, runtime_constant_folding=False).export(str(out))
 
     return memoized(signatures, f"litert_torch {litert_torch.__version__}", path, run)
@@ -518,6 +518,7 @@ def export_litert(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str |
         raise InputError(f"{tokenizer_path}: expected a SentencePiece tokenizer.model file")
     # The model stays in its own dtype; each conversion casts its part to float32 for as long as it runs.
     decoder, whole = split_model(model, spec)
+    metadata = llm_metadata(decoder, spec, tokenizer_path, whole)  # a tokenizer it refuses stops here, not at the end
     with export_folder(out_dir, spec) as out, torch.no_grad(), tempfile.TemporaryDirectory(dir=out) as tmp:
         work = Path(tmp)
         convert_decoder(decoder, spec, work / DECODER_FILE)
@@ -533,7 +534,6 @@ def export_litert(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str |
             for file, model_type in encoder_sections:
                 if model_type != "END_OF_AUDIO":  # one constant row: nothing to gain
                     quantize(work / file, spec.encoder_recipe)
-        metadata = llm_metadata(decoder, spec, tokenizer_path, whole)
         pack_litertlm(work, metadata, tokenizer_path, work / LITERTLM_FILE, encoder_sections)
         for name in (DECODER_FILE, EMBEDDER_FILE, PER_LAYER_EMBEDDER_FILE, *(f for f, _ in encoder_sections),
                      LITERTLM_FILE):

@@ -49,20 +49,30 @@ def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.d
             progress(done, total)
 
 
-def widened_tokenizer(vocab_size: int) -> bytes:
+# The media tokens as Gemma 3n's tokenizer spells them, by their config.json ids: LiteRT-LM writes these strings
+# into a Gemma 3n prompt as text (its defaults for Gemma 3n, runtime/util PopulateDefaultGemma3N), so each must encode
+# to its one id.
+MEDIA_PIECES = {"boi_token_id": "<start_of_image>", "eoi_token_id": "<end_of_image>",
+                "image_token_id": "<image_soft_token>", "boa_token_id": "<start_of_audio>",
+                "eoa_token_id": "<end_of_audio>", "audio_token_id": "<audio_soft_token>"}
+
+
+def widened_tokenizer(vocab_size: int, hf_config: dict | None = None) -> bytes:
     """The default model's SentencePiece tokenizer (models/assets/tokenizer.model: Gemma's special and chat ids) with
     placeholder pieces `<w{id}>` appended up to `vocab_size`, so that every id a random model of that vocabulary
     generates decodes (Google's engine stops with an error on an id beyond its tokenizer). The placeholders are
     user-defined pieces, so that the text `<w{id}>` encodes to that id: a prompt of chosen ids reaches an engine that
-    takes text only (the bench's PLE residency row)."""
+    takes text only (the bench's PLE residency row). hf_config: a checkpoint's config.json, whose media token ids
+    get their MEDIA_PIECES names instead (vocab_size then the text config's, which counts the media ids too)."""
     from pathlib import Path
 
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString((Path(__file__).parent / "assets" / "tokenizer.model").read_bytes())
+    named = {hf_config[key]: piece for key, piece in MEDIA_PIECES.items() if key in (hf_config or {})}
     for i in range(len(proto.pieces), vocab_size):
         piece = proto.pieces.add()
-        piece.piece, piece.score = f"<w{i}>", 0.0
+        piece.piece, piece.score = named.get(i, f"<w{i}>"), 0.0
         piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
     return proto.SerializeToString()

@@ -445,7 +445,7 @@ def cmd_random_checkpoint(args) -> int:
     if free < need:
         raise InputError(f"--out: {args.out.resolve().parent} has {free / 2**30:.1f} GiB free; the checkpoint needs "
                          f"more than {need / 2**30:.1f} GiB")
-    files = {"tokenizer.model": widened_tokenizer(text.vocab_size_per_layer_input),
+    files = {"tokenizer.model": widened_tokenizer(text.vocab_size, config.to_dict()),
              "chat_template.jinja": JINJA.encode()}
     with Progress(transient=True) as progress:
         task = progress.add_task("writing random tensors", total=None)

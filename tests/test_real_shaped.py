@@ -75,3 +75,19 @@ def test_published_config_has_the_published_shapes(text, layers, parameters):
         model = Gemma3nForConditionalGeneration(config)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=0.01)
     assert hf_config(TINY, CONDITIONAL_GENERATION).text_config.num_hidden_layers == TINY.num_layers
+
+
+def test_the_tokenizer_spells_the_media_tokens_as_litert_lm_writes_them():
+    """LiteRT-LM writes <start_of_image>, <end_of_audio>, ... into a Gemma 3n prompt as text; the real-shaped
+    checkpoint's tokenizer must encode each to the config's id (the exporter names them so in the .litertlm), and
+    its placeholders must still cover every other id."""
+    from sentencepiece import SentencePieceProcessor
+
+    from models.random_init import MEDIA_PIECES, widened_tokenizer
+
+    config = published_config(E2B).to_dict()
+    sp = SentencePieceProcessor(model_proto=widened_tokenizer(E2B.vocab_size, config))
+    assert sp.vocab_size() == E2B.vocab_size == 262_400
+    for key, piece in MEDIA_PIECES.items():
+        assert sp.encode(piece) == [config[key]] and sp.id_to_piece(config[key]) == piece, key
+    assert sp.encode("<w262399>") == [262_399] and sp.encode("<w262143>") == [262_143]
