@@ -217,22 +217,24 @@ def decoder_sample_inputs(model: TextDecoder, tokens: int, cache_len: int) -> di
     return inputs
 
 
-def convert(signatures: list[tuple[str, nn.Module, dict]], path: Path) -> Path:
+def convert(signatures: list[tuple[str, nn.Module, dict]], path: Path, lightweight: bool = False) -> Path:
     """One .tflite holding the given (name, module, sample kwargs) signatures (exporters.memo: a repeat is a copy).
 
-    Lightweight conversion: the converter reads the float32 weights where they are instead of copying each into its
-    IR and again into the flatbuffer. Measured on an 8-layer decoder of E2B's widths (0.59B parameters): 0.8 GB over
-    the model's own memory, against 5.1 GB; a whole E2B decoder the other way needs 3x its 9.5 GB. Without the
-    runtime constant folding it turns on by default: that writes boolean constants (the audio encoder's masks) with
-    no data; the graphs are the same without it (the decoder's bytes identical; convolutions' weights are laid out
-    by the converter's own folding either way)."""
+    lightweight: the converter reads the large float32 weights where they are instead of copying each into its IR
+    and again into the flatbuffer. Measured on an 8-layer decoder of E2B's widths (0.59B parameters): 0.8 GB over
+    the model's own memory, against 5.1 GB; a whole E2B decoder the other way needs 3x its 9.5 GB. But it folds no
+    constant expression over such a weight: the encoders' layer scales stayed runtime MULs over float32 weights,
+    which the quantizer then left float (183 MB of E2B's vision encoder), and 3x3 kernels runtime TRANSPOSEs, so
+    only the decoder, whose weights reach its Linears as they are, takes it. Its runtime constant folding, which
+    would fold those, writes boolean constants (the audio encoder's masks) with no data: off."""
     import litert_torch
 
     def run(out: Path) -> None:
         converter = litert_torch.Converter()
         for name, module, sample in signatures:
             converter.signature(name, module.eval(), sample_kwargs=sample)
-        converter.convert(lightweight_conversion=True, runtime_constant_folding=False).export(str(out))
+        options = {"lightweight_conversion": True, "runtime_constant_folding": False} if lightweight else {}
+        converter.convert(**options).export(str(out))
 
     return memoized(signatures, f"litert_torch {litert_torch.__version__}", path, run)
 
@@ -245,7 +247,8 @@ def convert_decoder(model: TextDecoder, spec: ExportSpec, path: Path) -> Path:
     signatures = [(prefill_name(tokens), LiteRtLmDecoder(model, last_position_only=spec.kv_shared_prefill),
                    decoder_sample_inputs(model, tokens, spec.cache_len)) for tokens in spec.prefill_lengths]
     decode = LiteRtLmDecoder(model, last_position_only=False)
-    return convert([*signatures, (DECODE, decode, decoder_sample_inputs(model, 1, spec.cache_len))], path)
+    return convert([*signatures, (DECODE, decode, decoder_sample_inputs(model, 1, spec.cache_len))], path,
+                   lightweight=True)
 
 
 def convert_lookup(module: nn.Module, signature: str, path: Path) -> Path:
