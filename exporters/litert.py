@@ -236,7 +236,10 @@ def convert(signatures: list[tuple[str, nn.Module, dict]], path: Path, lightweig
         options = {"lightweight_conversion": True, "runtime_constant_folding": False} if lightweight else {}
         converter.convert(**options).export(str(out))
 
-    return memoized(signatures, f"litert_torch {litert_torch.__version__}", path, run)
+    # From which size lightweight conversion keeps a weight in place: litert_torch's setting (1 MB; tests lower it
+    # so that the tiny model's weights take the path a real model's do), part of what a conversion is.
+    threshold = f" in place from {litert_torch.config.resource_constant_numel_threshold} B" if lightweight else ""
+    return memoized(signatures, f"litert_torch {litert_torch.__version__}{threshold}", path, run)
 
 
 def convert_decoder(model: TextDecoder, spec: ExportSpec, path: Path) -> Path:

@@ -71,9 +71,10 @@ def decoder_half(model: TextDecoder, fold_scales: bool = False) -> LinearHeadDec
 
     fold_scales: the two constant multiplies that follow a Linear (the softcap's 1/cap after the LM head, the
     per-layer projection's scale) multiplied into its weight, in float32 (new tensors, the caller's untouched), as
-    TFLite's converter folds them itself. Its lightweight conversion, which keeps the weights out of its own copies,
-    folds once per signature: E2B's LM head (2.1 GB in float32) was written once per prefill length and once more
-    for decode."""
+    TFLite's converter folds them itself. In lightweight conversion of the whole TextDecoder (no half), the
+    converter wrote those two folded weights once per signature (E2B's LM head: 2.1 GB in float32 each time); the
+    half with its scales folded here writes each once (on a 4-layer decoder of E2B's widths the half alone does too:
+    which of the two changes mattered is not isolated)."""
     with torch.device("meta"):
         half = LinearHeadDecoder(model.config)
     state = {k: v for k, v in model.state_dict().items()

@@ -7,6 +7,7 @@ One float export of the tiny random checkpoint (cache 64, prefill_8 + decode; ab
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 
 import numpy as np
@@ -21,6 +22,7 @@ from models.generate import prefill_and_decode
 from models.hf_reference import hf_prefill_and_decode, load_hf_model
 
 TOKENIZER = "models/assets/tokenizer.model"
+THRESHOLD = "RESOURCE_CONSTANT_NUMEL_THRESHOLD"  # litert_torch.config.resource_constant_numel_threshold
 CACHE_LEN, PREFILL_LEN, NEW_TOKENS = 64, 8, 32
 # 14 tokens with BOS: the engine prefills 13 of them as prefill_8 + a padded prefill_8 chunk (it holds the last
 # prompt token back for the first decode step), so the padding path is exercised.
@@ -29,10 +31,16 @@ PROMPT = "The train leaves the station at seven"
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory):
+    """The decoder's lightweight conversion keeps weights of 1 MB and more in place, which no tiny weight is: here
+    every weight takes that path, as a real model's do."""
     model = load_pretrained(tiny_checkpoint, dtype=torch.float32)
     spec = ExportSpec("litert", cache_len=CACHE_LEN, prefill_lengths=(PREFILL_LEN,), ple_storage="fp32")
     out = tmp_path_factory.mktemp("litert") / "export"
-    return model, litert.export_litert(model, spec, out, TOKENIZER)
+    os.environ[THRESHOLD] = "1"
+    try:
+        return model, litert.export_litert(model, spec, out, TOKENIZER)
+    finally:
+        del os.environ[THRESHOLD]
 
 
 def prompt_ids(model) -> list[int]:
@@ -173,9 +181,9 @@ def test_caches_are_written_as_slices_and_read_without_copies(exported):
 
 
 def test_every_weight_is_written_once(exported):
-    """The decoder's signatures (prefill_8, decode) read one copy of each weight. The converter folds the constant
-    multiply after a Linear into its weight; in lightweight conversion it did so once per signature, so the LM head
-    (2.1 GB in float32 on E2B) was written once per signature: exporters.weights.decoder_half folds it first."""
+    """The decoder's signatures (prefill_8, decode) read one copy of each weight, in the lightweight conversion's
+    path (the fixture's): converting the whole TextDecoder that way wrote E2B's LM head and per-layer projection once
+    per signature (exporters.weights.decoder_half)."""
     import hashlib
 
     from ai_edge_litert import schema_py_generated as schema
@@ -197,7 +205,6 @@ def test_a_bf16_model_converts_as_its_float32_copy_would(exported):
     loaded before, and the caller's bf16 model is left as it was. The folded decoder equals the model's own graph
     to float32 rounding. Eager, not converted: what differs is the casting, which the converter does not touch."""
     from exporters.weights import decoder_half, float32_
-
     from models.text import TextDecoder
 
     model = exported[0]
