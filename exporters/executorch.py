@@ -57,7 +57,7 @@ from contract.bundle import (
 from exporters.memo import memoized
 from exporters.ple import PerLayerEmbedder, RowTable
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
-from exporters.weights import LinearHeadDecoder, decoder_half, float32_, float32_copy
+from exporters.weights import LinearHeadDecoder, decoder_half, float32_, float32_copy, release_checkpoint_pages
 from models.encoders import (
     AudioEmbedder,
     VisionEmbedder,
@@ -67,7 +67,6 @@ from models.encoders import (
     vision_sample_inputs,
 )
 from models.errors import InputError
-from models.fileio import release_mapped_pages
 from models.multimodal import Gemma3n
 from models.text import RMSNorm, TextDecoder, in_dtype
 from models.vision import Conv2dSame, RMSNorm2d, same_padding
@@ -742,7 +741,7 @@ def _lower_into(folder: Path, decoder: TextDecoder, whole: Gemma3n | None, spec:
             aliases[VISION_ENCODER] = vision_encoder_name(spec.image_sizes[0])
     # The programs hold every weight they need; the lowering, the export's peak, reads none of the checkpoint's.
     source = whole if whole is not None else decoder
-    release_mapped_pages([*source.parameters(), *source.buffers()])
+    release_checkpoint_pages(source)
     with console.status("lowering to XNNPACK (minutes: one delegate per supported subgraph)"):
         program = lower(programs, runner_metadata(decoder, spec), aliases)
     with open(folder / PTE_FILE, "wb") as f:

@@ -83,11 +83,11 @@ from contract.bundle import (
 from exporters.memo import memoized
 from exporters.ple import QUANTIZED, PerLayerEmbedder
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
-from exporters.weights import decoder_half, float32_, float32_copy, in_float32, release_checkpoint_pages
+from exporters.weights import decoder_half, float32_, float32_copy, release_checkpoint_pages
 from models.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder
 from models.errors import InputError
 from models.multimodal import Gemma3n
-from models.text import CacheOps, TextDecoder
+from models.text import CacheOps, TextDecoder, in_dtype
 
 DECODER_FILE = "decoder.tflite"
 EMBEDDER_FILE = "embedder.tflite"
@@ -171,7 +171,8 @@ class TableLookup(nn.Module):
     def __init__(self, model: TextDecoder, media_embedders: tuple[nn.Module, ...] = ()):
         super().__init__()
         # Scaled before the lookup, the product each gathered row had: only the table is a constant of the graph.
-        self.register_buffer("rows", model.embed_tokens.weight.detach().float() * in_float32(model.embed_scale))
+        scale = in_dtype(model.embed_scale, torch.float32)
+        self.register_buffer("rows", model.embed_tokens.weight.detach().float() * scale)
         self.media_ranges = [(e.vocab_offset, e.vocab_size) for e in media_embedders]
         with torch.no_grad():
             for i, e in enumerate(media_embedders):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from models.fileio import release_mapped_pages
-from models.text import TextDecoder
+from models.text import TextDecoder, in_dtype
 
 
 def sharing_copy(module: nn.Module) -> nn.Module:
@@ -86,16 +86,11 @@ def decoder_half(model: TextDecoder, fold_scales: bool = False) -> LinearHeadDec
     if fold_scales:
         cap = model.config.final_logit_softcapping
         if cap:
-            half.lm_head.weight = nn.Parameter(half.lm_head.weight.float() * in_float32(1.0 / cap),
+            half.lm_head.weight = nn.Parameter(half.lm_head.weight.float() * in_dtype(1.0 / cap, torch.float32),
                                                requires_grad=False)
             half.softcap_in_head = True
         projection = half.per_layer_model_projection
-        projection.weight = nn.Parameter(projection.weight.float() * in_float32(half.per_layer_projection_scale),
-                                         requires_grad=False)
+        scale = in_dtype(half.per_layer_projection_scale, torch.float32)
+        projection.weight = nn.Parameter(projection.weight.float() * scale, requires_grad=False)
         half.per_layer_projection_scale = 1.0
     return half.eval()
-
-
-def in_float32(value: float) -> Tensor:
-    """A scale as the float32 number the graph would multiply by."""
-    return torch.tensor(value, dtype=torch.float32)
