@@ -56,7 +56,7 @@ from contract.bundle import (
 )
 from exporters.memo import memoized
 from exporters.ple import PerLayerEmbedder, RowTable
-from exporters.spec import ExportSpec, check_target, export_folder, split_model
+from exporters.spec import EMBEDDING_BLOCK, ExportSpec, check_target, export_folder, split_model
 from exporters.weights import LinearHeadDecoder, decoder_half, float32_, float32_copy, release_checkpoint_pages
 from models.encoders import (
     AudioEmbedder,
@@ -159,12 +159,6 @@ def int4_block(width: int, block_size: int) -> int | None:
     """The largest multiple of 32 up to `block_size` that divides `width` (XNNPACK's int4 kernels take multiples of
     32), or None: a width of 64 takes blocks of 64 under a block size of 128 rather than staying float."""
     return next((b for b in range(block_size - block_size % 32, 0, -32) if width % b == 0), None)
-
-
-# The token embedding's int4 block: ExecuTorch's Llama recipe's (Linears in blocks of 128, the embedding in blocks
-# of 32). On a 4-layer, hidden-512 random decoder (ci/int4_blocks.py: mean relative logit error against float over
-# 32 positions) Linears 32 -> 128 took it from 0.439 to 0.465 with the embedding at 32; the embedding at 128 too: 0.495.
-EMBEDDING_BLOCK = 32
 
 
 def token_storage(quant: str, width: int) -> tuple[str, int]:

@@ -18,6 +18,7 @@ import torch
 from exporters import litert
 from exporters.spec import EXPORT_RECORD, ExportSpec
 from models import load_pretrained
+from models.errors import InputError
 from models.generate import prefill_and_decode
 from models.hf_reference import hf_prefill_and_decode, load_hf_model
 
@@ -124,15 +125,29 @@ def test_decoder_signatures_match_eager_logits(exported):
     assert max(logit_errors(path.parent / litert.DECODER_FILE, model)) <= 1e-4
 
 
-def int8_weights(model):
-    """The reference for int8: the eager model with every matmul weight rounded to symmetric per-channel int8, the
-    scheme the recipe applies (the activations' dynamic int8 rounding comes on top)."""
+def rounded_weights(model, bits: int = 8, block: int | None = None):
+    """The reference for a quantized decoder: the eager model with every matmul weight rounded to symmetric int8 per
+    channel, or to int`bits` in blocks of `block` along its input where they divide it (int8 per channel where not),
+    as the recipes do (the activations' dynamic int8 rounding comes on top)."""
     model = copy.deepcopy(model)
     with torch.no_grad():
         for w in [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.embed_tokens.weight]:
-            scale = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
-            w.copy_(torch.round(w / scale).clamp(-127, 127) * scale)
+            blocked = block is not None and w.shape[1] % block == 0
+            qmax = 2 ** (bits - 1) - 1 if blocked else 127
+            groups = w.reshape(w.shape[0], -1, block if blocked else w.shape[1])
+            scale = groups.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
+            w.copy_((torch.round(groups / scale).clamp(-qmax, qmax) * scale).reshape(w.shape))
     return model
+
+
+@torch.no_grad()
+def weight_rounding_error(model, reference, steps: int) -> float:
+    """Max |delta logit| between `reference` and the model over the positions logit_errors compares."""
+    ids = prompt_ids(model)[:PREFILL_LEN]
+    _, _, tokens = prefill_and_decode(model, torch.tensor([ids]), steps, CACHE_LEN)
+    sequence = torch.tensor([ids + tokens[:steps]])
+    positions = slice(PREFILL_LEN - 1, PREFILL_LEN + steps)
+    return (reference(sequence) - model(sequence))[0, positions].abs().max().item()
 
 
 @torch.no_grad()
@@ -142,16 +157,37 @@ def test_int8_dynamic_decoder_errs_no_more_than_int8_weights_do(exported, tmp_pa
     litert.quantize(decoder, ExportSpec("litert", quant="int8-dynamic").recipe)
     steps = 4
     errors = logit_errors(decoder, model, steps)
-
-    ids = prompt_ids(model)[:PREFILL_LEN]
-    _, _, tokens = prefill_and_decode(model, torch.tensor([ids]), steps, CACHE_LEN)
-    sequence = torch.tensor([ids + tokens[:steps]])
-    positions = slice(PREFILL_LEN - 1, PREFILL_LEN + steps)
-    weight_rounding = (int8_weights(model)(sequence) - model(sequence))[0, positions].abs().max().item()
     # The random tiny model is sensitive to int8 weights (the eager rounding alone moves its logits, of size ~4, by
     # ~0.6; measured int8-dynamic: ~0.4). A correct lowering errs by about as much as that rounding, not more;
     # 1.5x leaves room for the dynamic activation rounding. A wrong scale or layout would err by O(logits).
-    assert 0 < max(errors) <= 1.5 * weight_rounding
+    assert 0 < max(errors) <= 1.5 * weight_rounding_error(model, rounded_weights(model), steps)
+
+
+@torch.no_grad()
+def test_int4_decoder_takes_the_specs_blocks(exported, tmp_path):
+    """The int4 recipe quantizes in blocks of the spec's block size (LiteRT's default, 64: DEFAULT_BLOCK_SIZE), every
+    weight whose input it divides int4 and the others int8, and errs about as much as that rounding does eagerly."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model, path = exported
+    spec = ExportSpec("litert", quant="int4-blockwise")
+    assert spec.block_size == 64
+    decoder = shutil.copy(path.parent / litert.DECODER_FILE, tmp_path / "int4.tflite")
+    litert.quantize(decoder, spec.recipe)
+    flat = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(decoder.read_bytes(), 0))
+    blocks = {}
+    for tensor in flat.subgraphs[0].tensors:
+        if tensor.type in (schema.TensorType.INT4, schema.TensorType.INT8) and tensor.quantization is not None:
+            details = tensor.quantization.details
+            blocks[tensor.name] = (tensor.type, tensor.shape[-1] % 64 == 0, getattr(details, "blockSize", None))
+    assert {kind for kind, _, _ in blocks.values()} == {schema.TensorType.INT4, schema.TensorType.INT8}
+    for name, (kind, divides, block) in blocks.items():
+        assert (kind, block) == ((schema.TensorType.INT4, 64) if divides else (schema.TensorType.INT8, None)), name
+    steps = 4
+    errors = logit_errors(decoder, model, steps)
+    assert 0 < max(errors) <= 1.5 * weight_rounding_error(model, rounded_weights(model, 4, 64), steps)
+    with pytest.raises(InputError, match="block_size: litert quantizes in blocks of 32 or 64, got 128"):
+        ExportSpec("litert", quant="int4-blockwise", block_size=128)
 
 
 def test_caches_are_written_as_slices_and_read_without_copies(exported):

@@ -90,7 +90,7 @@ def export_litert_debug(model: TextDecoder, spec: ExportSpec, out_dir: Path) -> 
                             sample_kwargs=decoder_sample_inputs(model, 1, spec.cache_len))
         converter.convert().export(str(path))
     if spec.recipe:
-        quantize(path, spec.recipe, spec.block_size)
+        quantize(path, spec.recipe)
     return path
 
 
