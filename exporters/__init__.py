@@ -15,6 +15,10 @@ from exporters.spec import ExportSpec
 from models.multimodal import Gemma3n
 from models.text import TextDecoder
 
+# The targets whose exporter takes a model in its checkpoint's dtype and casts a part at a time to float32
+# (exporters.weights); Core ML's takes a float32 model.
+OWN_DTYPE_TARGETS = ("litert", "executorch")
+
 
 def _target_fn(target: str):
     if target == "litert":

@@ -40,6 +40,41 @@ def float32_copy(module: nn.Module) -> nn.Module:
     return copied
 
 
+def float32_reference(model: nn.Module) -> nn.Module:
+    """A float32 copy of a TextDecoder or Gemma3n for reference outputs (golden vectors and media) that computes what
+    `model.float()` would, bit for bit, without a float32 copy of the whole: each decoder layer is cast on entry and
+    back to `model`'s own tensors on exit (one layer is float32 at a time), the PLE table stays as it is and its rows
+    are cast as they are read (E2B's table is 9.4 GB in float32), and the rest (the token table, which is also the LM
+    head, and the encoders: 6.4 GB of E2B) is cast once. `model` itself is left as it is."""
+    reference = sharing_copy(model)
+    lm = getattr(reference, "language_model", reference)
+    layers, table = lm.layers, lm.per_layer_embedding
+    lm.layers, lm.per_layer_embedding = nn.ModuleList(), None
+    float32_(reference)
+    lm.layers, lm.per_layer_embedding = layers, table
+    table.compute_dtype = torch.float32
+    for layer in layers:
+        _float32_while_running(layer)
+    return reference.eval()
+
+
+def _float32_while_running(module: nn.Module) -> None:
+    """Hooks that cast `module` to float32 for each call (new tensors) and put its own tensors back after it."""
+    own = {}
+
+    def cast(mod: nn.Module, args) -> None:
+        own[mod] = [(m, store, name, t) for m in mod.modules() for store in (m._parameters, m._buffers)
+                    for name, t in store.items() if t is not None]
+        float32_(mod)
+
+    def restore(mod: nn.Module, args, output) -> None:
+        for _, store, name, t in own.pop(mod):
+            store[name] = t
+
+    module.register_forward_pre_hook(cast)
+    module.register_forward_hook(restore)
+
+
 def release_checkpoint_pages(module: nn.Module) -> None:
     """The pages of the memory-mapped checkpoint behind `module`'s weights, once read into a conversion's own copy,
     given back (models.fileio.release_mapped_pages: the contents stay, a later read faults them in again), so that

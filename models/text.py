@@ -331,11 +331,15 @@ class PerLayerEmbedding(nn.Module):
         self.vocab = cfg.vocab_size_per_layer_input
         self.weight = nn.Parameter(torch.zeros(self.vocab, self.num_layers * self.dim))
         self.scale = self.dim**0.5
+        # The rows' arithmetic dtype, by default the table's: a float32 reference of a bf16 model reads bf16 rows and
+        # scales them in float32, as the float32 table would (exporters.weights.float32_reference).
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(self, token_ids: Tensor) -> Tensor:
         """[B, T] ids -> per-layer rows [B, T, L, P], already scaled by sqrt(P)."""
         ids = torch.where((token_ids >= 0) & (token_ids < self.vocab), token_ids, 0)
-        rows = F.embedding(ids, self.weight) * in_dtype(self.scale, self.weight.dtype)
+        dtype = self.compute_dtype or self.weight.dtype
+        rows = F.embedding(ids, self.weight).to(dtype) * in_dtype(self.scale, dtype)
         return rows.reshape(*token_ids.shape, self.num_layers, self.dim)
 
 

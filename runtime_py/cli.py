@@ -542,7 +542,7 @@ def cmd_bundle(args) -> int:
     from runtime_py.components.tokenizer import checkpoint_tokenizer
 
     plan = _slice_plan(args, "--slice")
-    model, source = _load_whole(args)
+    model, source = _load_whole(args, own_dtype=True)  # build_bundles casts to float32 a part at a time
     info = {"name": source}
     tokenizer = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
     if plan is not None:
@@ -604,14 +604,14 @@ def _bundle_jobs(jobs: int | None, model) -> int:
 def cmd_export(args) -> int:
     from rich.console import Console
 
-    from exporters import export
+    from exporters import OWN_DTYPE_TARGETS, export
     from exporters.spec import EXPORT_RECORD, ExportSpec
     from models.errors import G3nError
     from models.matformer import parse_int_list
     from models.multimodal import Gemma3n
     from runtime_py.bundle import default_cache_len, output_to
 
-    model, source = _load_whole(args, own_dtype=args.target in ("executorch", "litert"))
+    model, source = _load_whole(args, own_dtype=args.target in OWN_DTYPE_TARGETS)
     whole = isinstance(model, Gemma3n)
     spec = ExportSpec(
         target=args.target,

@@ -2,6 +2,7 @@
 backend's greedy tokens, and bad bundles or inputs get one clear error line (the two-process rebuild is in
 tests/test_reproducible.py)."""
 
+import copy
 import hashlib
 import json
 import shutil
@@ -9,13 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import assert_one_error_line, run_cli
 from contract.bundle import TARGET_BACKENDS
-from models.default import default_model
+from exporters.weights import float32_reference
+from models.default import default_gemma3n, default_model
+from models.encoders import golden_media
 from models.errors import InputError
-from runtime_py.bundle import build_bundles
+from runtime_py.bundle import build_bundles, golden_vectors
 from runtime_py.cli import main
+from runtime_py.components.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from runtime_py.engine import open_bundle
 
 PROMPT = "Write a short story about a robot."
@@ -61,6 +66,34 @@ def test_golden_vectors_are_the_torch_backends_output(bundles):
 def _digests(root):
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@torch.no_grad()
+def test_a_bf16_models_golden_outputs_are_its_float32_copys():
+    """build_bundles' reference (exporters.weights.float32_reference) of a bf16 model gives the golden vectors and
+    media of the model's float32 copy, bit for bit, with one decoder layer in float32 at a time, the PLE table never
+    cast, and the caller's model untouched: the path a real-size bf16 checkpoint takes."""
+    model = default_gemma3n().to(torch.bfloat16)
+    before = {k: (v.dtype, v.data_ptr()) for k, v in model.state_dict().items()}
+    reference = float32_reference(model)
+    layers = reference.language_model.layers
+    float32_layers = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda *_: float32_layers.append(  # after the reference's own cast
+            sum(next(m.parameters()).dtype == torch.float32 for m in layers)))
+    tokenizer = Tokenizer(DEFAULT_TOKENIZER)
+    golden, tensors = golden_vectors(reference, tokenizer)
+    media = golden_media(reference, (256,))
+    assert float32_layers and max(float32_layers) == 1
+    assert reference.language_model.per_layer_embedding.weight is model.language_model.per_layer_embedding.weight
+    assert {k: (v.dtype, v.data_ptr()) for k, v in model.state_dict().items()} == before
+
+    float32_copy = copy.deepcopy(model).float()
+    want_golden, want_tensors = golden_vectors(float32_copy, tokenizer)
+    want_media = golden_media(float32_copy, (256,))
+    assert golden == want_golden
+    for name, tensor in {**tensors, **media}.items():
+        assert torch.equal(tensor, {**want_tensors, **want_media}[name]), name
 
 
 def test_a_failed_build_leaves_nothing(tmp_path):
