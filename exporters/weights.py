@@ -45,8 +45,12 @@ def float32_reference(model: nn.Module) -> nn.Module:
     `model.float()` would, bit for bit, without a float32 copy of the whole: each decoder layer is cast on entry and
     back to `model`'s own tensors on exit (one layer is float32 at a time), the PLE table stays as it is and its rows
     are cast as they are read (E2B's table is 9.4 GB in float32), and the rest (the token table, which is also the LM
-    head, and the encoders: 6.4 GB of E2B) is cast once. `model` itself is left as it is."""
+    head, and the encoders: 6.4 GB of E2B) is cast once. `model` itself is left as it is; a float32 model, or such a
+    reference, is its own reference."""
+    if getattr(model, "is_float32_reference", False) or all(t.dtype == torch.float32 for t in model.parameters()):
+        return model.eval()
     reference = sharing_copy(model)
+    reference.is_float32_reference = True
     lm = getattr(reference, "language_model", reference)
     layers, table = lm.layers, lm.per_layer_embedding
     lm.layers, lm.per_layer_embedding = nn.ModuleList(), None

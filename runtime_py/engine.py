@@ -18,10 +18,12 @@ def session_for_model(model, tokenizer_path=DEFAULT_TOKENIZER, cache_len: int = 
     """A torch-backend session straight over a TextDecoder or a whole Gemma3n (no bundle): the reference every bundle
     is checked against. A Gemma3n's session takes images and audio (its float encoders; image_sizes: the sizes it
     accepts, first the default)."""
+    from exporters.weights import float32_reference
     from models.multimodal import Gemma3n
     from runtime_py.components.media import MediaTokenRows
     from runtime_py.executors.torch_executor import TorchEncoders, TorchExecutor
 
+    model = float32_reference(model)  # a bf16 model computes in float32 a layer at a time, never copied whole
     whole = model if isinstance(model, Gemma3n) else None
     decoder = whole.language_model if whole is not None else model
     tokenizer = Tokenizer(tokenizer_path)
@@ -37,7 +39,6 @@ def session_for_model(model, tokenizer_path=DEFAULT_TOKENIZER, cache_len: int = 
     session = Session(executor, tokenizer, per_layer_rows, cfg.bos_token_id, stop_ids_for(cfg.eos_token_ids, tokenizer),
                       cfg.vocab_size, ple_vocab_size=cfg.vocab_size_per_layer_input)
     if whole is not None:
-        whole.float().eval()
         session.encoders = TorchEncoders(whole, *([image_sizes] if image_sizes else []))
         session.media_rows, session.media_tokens = MediaTokenRows.from_model(whole), whole.config.tokens
     return session
@@ -100,10 +101,13 @@ def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2, comp
 
 
 def reference_model(bundle: Path, manifest: dict, whole: bool = False):
-    """The bundle's float reference checkpoint (../reference), checked against the manifest: its text decoder, or
-    with whole=True the whole Gemma3n (a text-only checkpoint still gives a TextDecoder)."""
+    """The bundle's reference checkpoint (../reference), checked against the manifest, computing in float32: its text
+    decoder, or with whole=True the whole Gemma3n (a text-only checkpoint still gives a TextDecoder). A bf16
+    checkpoint (a real-size one) stays bf16 and runs a layer at a time in float32 (exporters.weights.float32_reference),
+    with the float32 model's outputs."""
     from contract.bundle import verify_reference
+    from exporters.weights import float32_reference
     from models.checkpoint import load_pretrained, load_text_decoder
 
     ref = verify_reference(bundle, manifest)
-    return (load_pretrained if whole else load_text_decoder)(ref, dtype=torch.float32)
+    return float32_reference((load_pretrained if whole else load_text_decoder)(ref))

@@ -21,7 +21,7 @@ from models.errors import InputError
 from runtime_py.bundle import build_bundles, golden_vectors
 from runtime_py.cli import main
 from runtime_py.components.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-from runtime_py.engine import open_bundle
+from runtime_py.engine import open_bundle, session_for_model
 
 PROMPT = "Write a short story about a robot."
 # The float32 backends that run here. Core ML needs macOS, and coreml-mil computes in fp16, so its tokens equal
@@ -94,6 +94,15 @@ def test_a_bf16_models_golden_outputs_are_its_float32_copys():
     assert golden == want_golden
     for name, tensor in {**tensors, **media}.items():
         assert torch.equal(tensor, {**want_tensors, **want_media}[name]), name
+
+    # The torch backend's session over the bf16 model (a bundle's bf16 reference/ takes this path) likewise.
+    streams = []
+    for source in (model, float32_copy):
+        session = session_for_model(source, cache_len=64)
+        session.stop_ids = []
+        streams.append(list(session.generate_ids(PROMPT, max_new_tokens=6)))
+    assert streams[0] == streams[1]
+    assert {k: (v.dtype, v.data_ptr()) for k, v in model.state_dict().items()} == before
 
 
 def test_a_failed_build_leaves_nothing(tmp_path):

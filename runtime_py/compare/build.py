@@ -74,15 +74,13 @@ def encoder_builds(builds: list[tuple[str, str]]) -> dict[tuple[str, str], bool]
 
 def _build_one(checkpoint, out, target, level, tokenizer, cache_len, prefill_lengths, source, image_sizes,
                encoders: bool = True) -> None:
-    import torch
-
     from models.checkpoint import load_pretrained
     from models.default import default_gemma3n
     from runtime_py.bundle import build_bundles
 
     # The whole model where there is one (the default; a Gemma3nForConditionalGeneration checkpoint): its bundles
     # carry the encoders, and the report compares them too.
-    model = default_gemma3n() if checkpoint is None else load_pretrained(checkpoint, dtype=torch.float32)
+    model = default_gemma3n() if checkpoint is None else load_pretrained(checkpoint)  # its dtype: build_bundles'
     if not encoders:
         model = getattr(model, "language_model", model)
     # The converters' output goes beside the bundle: <level>-<target>.log in the report's bundles/ folder.
