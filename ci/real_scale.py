@@ -9,7 +9,9 @@ share of the PLE table (.ptd) resident after the prompt (mincore); and ExecuTorc
 files, a short prompt: its peak RSS and the share of the .ptd resident. Each LiteRT cell's .litertlm runs in Google's
 LiteRT-LM engine (run_litert_cell), the same columns but the stock runner's (the engine is the stock runtime, and
 our runtime's litertlm backend). Rows of cells not run this time are kept;
---runs-only measures the run columns of cells already exported, keeping their export columns."""
+--runs-only measures the run columns of cells already exported, keeping their export columns. --via bundle makes
+each cell with `g3n bundle` at the level whose scheme the cell names, for the cell's target (its export columns then
+include the golden vectors and the reference checkpoint's copy; its bytes are still the model files')."""
 
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ from runtime_py.bench import distinct_ids  # noqa: E402
 from runtime_py.bench.measure import run_measured  # noqa: E402
 from runtime_py.bench.report import write_table  # noqa: E402
 from runtime_py.bench.subjects import CHILD  # noqa: E402
-from runtime_py.bundle import ENCODER_QUANT_LEVELS, PLE_LEVELS, QUANT_LEVELS  # noqa: E402
+from runtime_py.bundle import ENCODER_QUANT_LEVELS, PLE_LEVELS, QUANT_LEVELS, TARGETS  # noqa: E402
+
+BUNDLE_TARGET = {target: bundle for bundle, target in TARGETS.items()}  # exporter target -> g3n bundle target
 
 # (checkpoint preset, target, --quant, text only): the ones run by default, in order.
 CELLS = [
@@ -36,56 +40,75 @@ CELLS = [
     ("e2b", "litert", "int4-blockwise", False),
 ]
 PROMPT, DECODE = 256, 16
-EXPORT_COLUMNS = ("model", "target", "quant", "parts", "status", "export_s", "export_peak_rss_mib",
+EXPORT_COLUMNS = ("model", "target", "quant", "parts", "via", "status", "export_s", "export_peak_rss_mib",
                   "export_peak_anon_mib", "bytes")
 
 
 def bundle_flags(target: str, quant: str, text_only: bool) -> list[str]:
     """The PLE storage and encoder scheme `g3n bundle` gives the level that exports `target` with `quant` (at int4:
     an int4 table, int8 encoders), so that a cell's bytes are the bundle's."""
-    level = [level for level, schemes in QUANT_LEVELS.items() if schemes.get(target) == quant][-1]
+    level = bundle_level(target, quant)
     return ["--ple-storage", PLE_LEVELS[level]] + (
         [] if text_only else ["--encoder-quant", ENCODER_QUANT_LEVELS[level][target]])
 
 
-def cell_name(preset: str, target: str, quant: str, text_only: bool) -> str:
-    return f"{preset}-{target}-{quant}" + ("-text" if text_only else "")
+def bundle_level(target: str, quant: str) -> str:
+    """The `g3n bundle --quant` level whose scheme for `target` is `quant`."""
+    return [level for level, schemes in QUANT_LEVELS.items() if schemes.get(target) == quant][-1]
 
 
-def cell_row(preset: str, target: str, quant: str, text_only: bool) -> dict:
-    return {"model": preset, "target": target, "quant": quant, "parts": "text" if text_only else "text+vision+audio"}
+def cell_name(preset: str, target: str, quant: str, text_only: bool, via: str = "export") -> str:
+    return ("bundle-" if via == "bundle" else "") + f"{preset}-{target}-{quant}" + ("-text" if text_only else "")
 
 
-def export_cell(out: Path, preset: str, target: str, quant: str, text_only: bool) -> dict:
-    name, row = cell_name(preset, target, quant, text_only), cell_row(preset, target, quant, text_only)
+def cell_row(preset: str, target: str, quant: str, text_only: bool, via: str = "export") -> dict:
+    row = {"model": preset, "target": target, "quant": quant, "parts": "text" if text_only else "text+vision+audio"}
+    return row | ({"via": "g3n bundle"} if via == "bundle" else {})  # rows without "via": g3n export
+
+
+def cell_files(out: Path, name: str, target: str, via: str = "export") -> Path:
+    """The folder with a cell's model files: the export's, or the bundle's target folder."""
+    return out / name / (BUNDLE_TARGET[target] if via == "bundle" else "")
+
+
+def export_cell(out: Path, preset: str, target: str, quant: str, text_only: bool, via: str = "export") -> dict:
+    """`g3n export` of the cell's scheme, or with via="bundle" `g3n bundle` of its level for the target (golden
+    vectors and the reference checkpoint included), measured."""
+    name, row = cell_name(preset, target, quant, text_only, via), cell_row(preset, target, quant, text_only, via)
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
-    cmd = [sys.executable, "-m", "runtime_py.cli", "export", "--checkpoint", str(out / preset), "--target", target,
-           "--quant", quant, *bundle_flags(target, quant, text_only), "--out", str(folder),
-           "--log", str(out / f"{name}.converters.log")]
-    print(f"{name}: exporting", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "runtime_py.cli", via, "--checkpoint", str(out / preset)]
+    cmd += (["--targets", BUNDLE_TARGET[target], "--quant", bundle_level(target, quant)] if via == "bundle" else
+            ["--target", target, "--quant", quant, *bundle_flags(target, quant, text_only)])
+    cmd += ["--out", str(folder), "--log", str(out / f"{name}.converters.log")] + (["--text-only"] if text_only else [])
+    print(f"{name}: {via}", file=sys.stderr, flush=True)
     try:
-        m = run_measured(cmd + (["--text-only"] if text_only else []), out / f"{name}.log")
+        m = run_measured(cmd, out / f"{name}.log")
     except G3nError as e:
         return row | {"status": f"failed: {e}"}
     return row | {"status": "ok", "export_s": round(m["seconds"]), "export_peak_rss_mib": round(m["peak_rss_mib"]),
                   "export_peak_anon_mib": round(m["peak_anon_mib"]),
-                  "bytes": bundle_bytes(folder)}
+                  "bytes": bundle_bytes(cell_files(out, name, target, via))}
 
 
 def bundle_bytes(folder: Path) -> int:
-    """What a phone loads: the .litertlm alone for LiteRT (the export leaves the .tflite files it packed beside it),
-    every file (.pte and .ptd) otherwise."""
-    litertlm = folder / "model.litertlm"
-    files = [litertlm] if litertlm.is_file() else [f for f in folder.rglob("*") if f.is_file()]
-    return sum(f.stat().st_size for f in files)
+    """What a phone loads: the .litertlm for LiteRT (an export leaves the .tflite files it packed beside it), the
+    .pte and .ptd for ExecuTorch."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".litertlm", ".pte", ".ptd"))
 
 
-def run_cell(out: Path, row: dict, name: str) -> dict:
-    """The run columns of an exported ExecuTorch cell (see the module's docstring)."""
-    folder = out / name
+def cell_cache_len(folder: Path) -> int:
+    """The KV-cache length of an export (export.json) or a bundle's target folder (manifest.json)."""
+    record = folder / "export.json"
+    if record.is_file():
+        return json.loads(record.read_text())["spec"]["cache_len"]
+    return json.loads((folder / "manifest.json").read_text())["export_spec"]["cache_len"]
+
+
+def run_cell(out: Path, row: dict, name: str, folder: Path) -> dict:
+    """The run columns of an exported ExecuTorch cell (see the module's docstring); its files in `folder`."""
     pte, ptd = folder / "model.pte", folder / "per_layer_embeddings.ptd"
-    cache = json.loads((folder / "export.json").read_text())["spec"]["cache_len"]
+    cache = cell_cache_len(folder)
     config = json.loads((out / row["model"] / "config.json").read_text())
     vocab = config.get("text_config", config)["vocab_size_per_layer_input"]
     ids = distinct_ids(min(PROMPT, cache - DECODE), vocab)
@@ -114,7 +137,7 @@ def run_cell(out: Path, row: dict, name: str) -> dict:
                   "ple_resident": f"{result['ple_resident_share']:.2%}"} | stock_columns
 
 
-def run_litert_cell(out: Path, row: dict, name: str) -> dict:
+def run_litert_cell(out: Path, row: dict, name: str, folder: Path) -> dict:
     """The run columns of an exported LiteRT cell: Google's LiteRT-LM engine (which our runtime's litertlm backend
     is) on the .litertlm, in fresh processes: its benchmark (a prompt of the same length, which it fills itself,
     then DECODE tokens; XNNPACK's weight cache in a folder of its own, made by the first, untimed, load) for the
@@ -123,8 +146,8 @@ def run_litert_cell(out: Path, row: dict, name: str) -> dict:
 
     from runtime_py.bench import _prompt_text
 
-    model = out / name / "model.litertlm"
-    cache = json.loads((out / name / "export.json").read_text())["spec"]["cache_len"]
+    model = folder / "model.litertlm"
+    cache = cell_cache_len(folder)
     config = json.loads((out / row["model"] / "config.json").read_text())
     # The engine's benchmark decodes nothing (0 tokens/s) after a prompt longer than half the cache (E2B text, cache
     # 256: 128 + 16 decoded, 129 + 16 none), whatever the decode count: at most half the cache.
@@ -169,6 +192,9 @@ def main() -> int:
     parser.add_argument("--cells", help="comma-separated preset/target/quant[/text], e.g. e2b/executorch/8da8w/text "
                         "(default: every cell of CELLS)")
     parser.add_argument("--runs-only", action="store_true", help="measure the run columns of cells exported before")
+    parser.add_argument("--via", choices=("export", "bundle"), default="export",
+                        help="make each cell with g3n export (default) or g3n bundle (its level, golden vectors and "
+                        "reference checkpoint included: out/bundle-<cell>/<target>)")
     args = parser.parse_args()
     cells = CELLS if not args.cells else [
         (*c.split("/")[:3], c.endswith("/text")) for c in args.cells.split(",")]
@@ -178,17 +204,19 @@ def main() -> int:
         if not (args.out / cell[0] / "config.json").is_file():
             print(f"error: {args.out / cell[0]}: no checkpoint (make real-checkpoints writes it)", file=sys.stderr)
             return 2
-        key, name = cell_row(*cell), cell_name(*cell)
-        old = next((r for r in rows if {k: r.get(k) for k in key} == key), None)
+        key, name = cell_row(*cell, args.via), cell_name(*cell, args.via)
+        files = cell_files(args.out, name, cell[1], args.via)
+        match = {"via": None} | key  # an export cell's row has no "via"
+        old = next((r for r in rows if {k: r.get(k) for k in match} == match), None)
         if args.runs_only:
-            if old is None or old.get("status") != "ok" or not (args.out / name / "export.json").is_file():
-                print(f"error: {args.out / name}: not exported (run without --runs-only first)", file=sys.stderr)
+            if old is None or old.get("status") != "ok" or not files.is_dir():
+                print(f"error: {files}: not made (run without --runs-only first)", file=sys.stderr)
                 return 2
             row = {k: v for k, v in old.items() if k in EXPORT_COLUMNS}
         else:
-            row = export_cell(args.out, *cell)
+            row = export_cell(args.out, *cell, args.via)
         if row.get("status") == "ok":
-            row = (run_cell if cell[1] == "executorch" else run_litert_cell)(args.out, row, name)
+            row = (run_cell if cell[1] == "executorch" else run_litert_cell)(args.out, row, name, files)
         rows = [row if r is old else r for r in rows] if old is not None else rows + [row]
         write_table(rows, args.out / "real-scale")
     return 0
