@@ -57,7 +57,7 @@ from contract.bundle import (
 from exporters.memo import memoized
 from exporters.ple import PerLayerEmbedder, RowTable
 from exporters.spec import EMBEDDING_BLOCK, ExportSpec, check_target, export_folder, split_model
-from exporters.weights import LinearHeadDecoder, decoder_half, float32_, float32_copy, release_checkpoint_pages
+from exporters.weights import LinearHeadDecoder, decoder_half, float32_copy, release_checkpoint_pages
 from models.encoders import (
     AudioEmbedder,
     VisionEmbedder,
@@ -67,6 +67,7 @@ from models.encoders import (
     vision_sample_inputs,
 )
 from models.errors import InputError
+from models.float32 import float32_
 from models.multimodal import Gemma3n
 from models.text import RMSNorm, TextDecoder, in_dtype
 from models.vision import Conv2dSame, RMSNorm2d, same_padding

@@ -83,9 +83,10 @@ from contract.bundle import (
 from exporters.memo import memoized
 from exporters.ple import QUANTIZED, PerLayerEmbedder
 from exporters.spec import EMBEDDING_BLOCK, ExportSpec, check_target, export_folder, split_model
-from exporters.weights import decoder_half, float32_, float32_copy, release_checkpoint_pages
+from exporters.weights import decoder_half, float32_copy, release_checkpoint_pages
 from models.encoders import AudioAdapter, AudioEncoder, VisionAdapter, VisionEncoder
 from models.errors import InputError
+from models.float32 import float32_
 from models.multimodal import Gemma3n
 from models.text import CacheOps, TextDecoder, in_dtype
 

@@ -332,7 +332,7 @@ class PerLayerEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.vocab, self.num_layers * self.dim))
         self.scale = self.dim**0.5
         # The rows' arithmetic dtype, by default the table's: a float32 reference of a bf16 model reads bf16 rows and
-        # scales them in float32, as the float32 table would (exporters.weights.float32_reference).
+        # scales them in float32, as the float32 table would (models.float32.float32_reference).
         self.compute_dtype: torch.dtype | None = None
 
     def forward(self, token_ids: Tensor) -> Tensor:

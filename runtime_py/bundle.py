@@ -50,11 +50,12 @@ from contract.bundle import (
 )
 from exporters import OWN_DTYPE_TARGETS, export
 from exporters.spec import EXPORT_RECORD, ExportSpec
-from exporters.weights import float32_reference, release_checkpoint_pages
+from exporters.weights import release_checkpoint_pages
 from models.accounting import count_checkpoint, count_config
 from models.checkpoint import save_pretrained
 from models.errors import InputError
 from models.fileio import atomic_directory, check_new_directory
+from models.float32 import float32_reference
 from models.generate import prefill_and_decode, prefill_and_decode_embeddings
 from models.multimodal import Gemma3n
 from models.text import TextDecoder

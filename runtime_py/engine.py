@@ -18,7 +18,7 @@ def session_for_model(model, tokenizer_path=DEFAULT_TOKENIZER, cache_len: int = 
     """A torch-backend session straight over a TextDecoder or a whole Gemma3n (no bundle): the reference every bundle
     is checked against. A Gemma3n's session takes images and audio (its float encoders; image_sizes: the sizes it
     accepts, first the default)."""
-    from exporters.weights import float32_reference
+    from models.float32 import float32_reference
     from models.multimodal import Gemma3n
     from runtime_py.components.media import MediaTokenRows
     from runtime_py.executors.torch_executor import TorchEncoders, TorchExecutor
@@ -103,11 +103,11 @@ def open_bundle(path: str | Path, backend: str = "torch", threads: int = 2, comp
 def reference_model(bundle: Path, manifest: dict, whole: bool = False):
     """The bundle's reference checkpoint (../reference), checked against the manifest, computing in float32: its text
     decoder, or with whole=True the whole Gemma3n (a text-only checkpoint still gives a TextDecoder). A bf16
-    checkpoint (a real-size one) stays bf16 and runs a layer at a time in float32 (exporters.weights.float32_reference),
+    checkpoint (a real-size one) stays bf16 and runs a layer at a time in float32 (models.float32.float32_reference),
     with the float32 model's outputs."""
     from contract.bundle import verify_reference
-    from exporters.weights import float32_reference
     from models.checkpoint import load_pretrained, load_text_decoder
+    from models.float32 import float32_reference
 
     ref = verify_reference(bundle, manifest)
     return float32_reference((load_pretrained if whole else load_text_decoder)(ref))

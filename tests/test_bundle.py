@@ -14,10 +14,10 @@ import torch
 
 from conftest import assert_one_error_line, run_cli
 from contract.bundle import TARGET_BACKENDS
-from exporters.weights import float32_reference
 from models.default import default_gemma3n, default_model
 from models.encoders import golden_media
 from models.errors import InputError
+from models.float32 import float32_reference
 from runtime_py.bundle import build_bundles, golden_vectors
 from runtime_py.cli import main
 from runtime_py.components.tokenizer import DEFAULT_TOKENIZER, Tokenizer
@@ -70,7 +70,7 @@ def _digests(root):
 
 @torch.no_grad()
 def test_a_bf16_models_golden_outputs_are_its_float32_copys():
-    """build_bundles' reference (exporters.weights.float32_reference) of a bf16 model gives the golden vectors and
+    """build_bundles' reference (models.float32.float32_reference) of a bf16 model gives the golden vectors and
     media of the model's float32 copy, bit for bit, with one decoder layer in float32 at a time, the PLE table never
     cast, and the caller's model untouched: the path a real-size bf16 checkpoint takes."""
     model = default_gemma3n().to(torch.bfloat16)

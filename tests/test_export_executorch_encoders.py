@@ -34,10 +34,10 @@ from exporters.executorch import (
     swap_norms_,
 )
 from exporters.spec import ENCODER_QUANT_SCHEMES, ExportSpec
-from exporters.weights import sharing_copy
 from models.default import default_gemma3n, default_model
 from models.encoders import golden_media, runner_audio_input
 from models.errors import InputError
+from models.float32 import sharing_copy
 from models.generate import prefill_and_decode_embeddings
 from models.random_init import randomise_
 from models.vision import Conv2dSame, RMSNorm2d

@@ -240,7 +240,8 @@ def test_a_bf16_model_converts_as_its_float32_copy_would(exported):
     folded into the weights, token embedder) equal those of the float32 copy of the same bf16 weights, which the CLI
     loaded before, and the caller's bf16 model is left as it was. The folded decoder equals the model's own graph
     to float32 rounding. Eager, not converted: what differs is the casting, which the converter does not touch."""
-    from exporters.weights import decoder_half, float32_
+    from exporters.weights import decoder_half
+    from models.float32 import float32_
     from models.text import TextDecoder
 
     model = exported[0]

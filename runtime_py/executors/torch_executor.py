@@ -13,7 +13,7 @@ class TorchExecutor:
     name = "torch"
 
     def __init__(self, model: TextDecoder, cache_len: int, prefill_lengths: tuple[int, ...]):
-        self.model = model.eval()  # float32, or a bf16 model's exporters.weights.float32_reference (session_for_model)
+        self.model = model.eval()  # float32, or a bf16 model's models.float32.float32_reference (session_for_model)
         self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
         self.model.setup_caches(cache_len)
 
