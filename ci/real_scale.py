@@ -68,7 +68,7 @@ def cell_row(preset: str, target: str, quant: str, text_only: bool, via: str = "
 
 def cell_files(out: Path, name: str, target: str, via: str = "export") -> Path:
     """The folder with a cell's model files: the export's, or the bundle's target folder."""
-    return out / name / (BUNDLE_TARGET[target] if via == "bundle" else "")
+    return out / name / BUNDLE_TARGET[target] if via == "bundle" else out / name
 
 
 def export_cell(out: Path, preset: str, target: str, quant: str, text_only: bool, via: str = "export") -> dict:

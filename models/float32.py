@@ -58,12 +58,12 @@ def _float32_while_running(module: nn.Module) -> None:
     own = {}
 
     def cast(mod: nn.Module, args) -> None:
-        own[mod] = [(m, store, name, t) for m in mod.modules() for store in (m._parameters, m._buffers)
+        own[mod] = [(store, name, t) for m in mod.modules() for store in (m._parameters, m._buffers)
                     for name, t in store.items() if t is not None]
         float32_(mod)
 
     def restore(mod: nn.Module, args, output) -> None:
-        for _, store, name, t in own.pop(mod):
+        for store, name, t in own.pop(mod):
             store[name] = t
 
     module.register_forward_pre_hook(cast)

@@ -80,7 +80,7 @@ def _build_one(checkpoint, out, target, level, tokenizer, cache_len, prefill_len
 
     # The whole model where there is one (the default; a Gemma3nForConditionalGeneration checkpoint): its bundles
     # carry the encoders, and the report compares them too.
-    model = default_gemma3n() if checkpoint is None else load_pretrained(checkpoint)  # its dtype: build_bundles'
+    model = default_gemma3n() if checkpoint is None else load_pretrained(checkpoint)  # its dtype: build_bundles casts
     if not encoders:
         model = getattr(model, "language_model", model)
     # The converters' output goes beside the bundle: <level>-<target>.log in the report's bundles/ folder.
