@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from contract.bundle import EMBEDDINGS_FILE, PLE_ASSET_FILE  # noqa: E402
 from models.errors import G3nError  # noqa: E402
 from models.fileio import drop_from_page_cache  # noqa: E402
 from runtime_py.bench import distinct_ids  # noqa: E402
@@ -38,6 +39,7 @@ CELLS = [
     ("e2b", "executorch", "8da4w", False),
     ("e4b", "executorch", "8da4w", False),
     ("e2b", "litert", "int4-blockwise", False),
+    ("e2b", "coreml", "int4-per-block", False),
 ]
 PROMPT, DECODE = 256, 16
 EXPORT_COLUMNS = ("model", "target", "quant", "parts", "via", "status", "export_s", "export_peak_rss_mib",
@@ -93,8 +95,11 @@ def export_cell(out: Path, preset: str, target: str, quant: str, text_only: bool
 
 def bundle_bytes(folder: Path) -> int:
     """What a phone loads: the .litertlm for LiteRT (an export leaves the .tflite files it packed beside it), the
-    .pte and .ptd for ExecuTorch."""
-    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".litertlm", ".pte", ".ptd"))
+    .pte and .ptd for ExecuTorch; for Core ML the packages, the PLE asset and (in a bundle) the token table."""
+    files = [f for f in folder.iterdir() if f.suffix in (".litertlm", ".pte", ".ptd")
+             or f.name in (PLE_ASSET_FILE, EMBEDDINGS_FILE)]
+    files += [f for package in folder.glob("*.mlpackage") for f in package.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files)
 
 
 def cell_cache_len(folder: Path) -> int:
@@ -171,6 +176,29 @@ def run_litert_cell(out: Path, row: dict, name: str, folder: Path) -> dict:
                   "ple_resident": f"{ple['ple_resident_share']:.2%}"}
 
 
+def run_coreml_cell(out: Path, row: dict, name: str, folder: Path) -> dict:
+    """The run columns Linux can give a Core ML cell: none for an export; for a bundle's ios folder, the coreml-mil
+    executor (runtime_py.executors.mil: the saved MIL programs run op by op) greedy on the golden prompt, its tokens
+    against the golden vectors'. Core ML itself predicts on macOS only; the executor's speed is not a phone's."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return row | {"run": "no Linux runtime for an export (--via bundle runs coreml-mil)"}
+    golden = json.loads(manifest.read_text())["golden"]
+    steps = len(golden["greedy_tokens"])
+    cmd = [sys.executable, "-m", "runtime_py.cli", "generate", "--bundle", str(folder), "--backend", "coreml-mil",
+           "--token-ids", ",".join(map(str, golden["prompt_ids"])), "--max-new-tokens", str(steps)]
+    print(f"{name}: coreml-mil on the golden prompt", file=sys.stderr, flush=True)
+    try:
+        m = run_measured(cmd, out / f"{name}.run.log")
+    except G3nError as e:
+        return row | {"run": f"failed: {e}"}
+    tokens = json.loads(m["last"])["greedy_tokens"]
+    same = sum(a == b for a, b in zip(tokens, golden["greedy_tokens"]))
+    return row | {"run": f"coreml-mil: {same} of {steps} greedy tokens the golden's", "run_s": round(m["seconds"]),
+                  "prompt_tokens": len(golden["prompt_ids"]), "run_peak_rss_mib": round(m["peak_rss_mib"]),
+                  "run_peak_anon_mib": round(m["peak_anon_mib"])}
+
+
 def stock_runner(pte: str, ptd: str, tokenizer: str) -> int:
     """Child: ExecuTorch's MultimodalRunner (the demo apps' runner) loads the files and prefills a short prompt;
     prints the share of the .ptd then resident."""
@@ -216,7 +244,8 @@ def main() -> int:
         else:
             row = export_cell(args.out, *cell, args.via)
         if row.get("status") == "ok":
-            row = (run_cell if cell[1] == "executorch" else run_litert_cell)(args.out, row, name, files)
+            run = {"executorch": run_cell, "litert": run_litert_cell, "coreml": run_coreml_cell}[cell[1]]
+            row = run(args.out, row, name, files)
         rows = [row if r is old else r for r in rows] if old is not None else rows + [row]
         write_table(rows, args.out / "real-scale")
     return 0

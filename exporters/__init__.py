@@ -5,6 +5,9 @@
 size, renamed at the end, so a failure never leaves a half-written export). The PLE table goes where each target
 reads it: the per_layer_embedder section of the .litertlm, the .ptd beside the .pte, and for Core ML the standalone
 memory-mappable asset per_layer_embeddings.safetensors that apps read directly.
+
+Every exporter takes the model in its checkpoint's dtype (a bf16 E2B is 22 GB in float32, this machine has 24) and
+casts to float32 a part at a time, each for as long as its conversion needs it (exporters.weights).
 """
 
 from __future__ import annotations
@@ -14,10 +17,6 @@ from pathlib import Path
 from exporters.spec import ExportSpec
 from models.multimodal import Gemma3n
 from models.text import TextDecoder
-
-# The targets whose exporter takes a model in its checkpoint's dtype and casts a part at a time to float32
-# (exporters.weights); Core ML's takes a float32 model.
-OWN_DTYPE_TARGETS = ("litert", "executorch")
 
 
 def _target_fn(target: str):

@@ -56,6 +56,7 @@ from contract.bundle import vision_encoder_name as vision_function_name
 from exporters import memo
 from exporters.ple import write_ple_asset
 from exporters.spec import ExportSpec, check_target, export_folder, split_model
+from exporters.weights import decoder_half, float32_copy
 from models.encoders import (
     AudioEmbedder,
     VisionEmbedder,
@@ -103,23 +104,13 @@ class CoreMLStep(nn.Module):
         return self.decoder.forward_embeddings(inputs_embeds, per_layer_rows, input_pos, self.last_position_only)
 
 
-def install_slice_write_caches(model: TextDecoder, cache_len: int) -> tuple[int | None, dict[int, KVCache | None]]:
-    """Gives every cache-owning layer a SliceWriteKVCache (what setup_caches does with KVCache); returns the cache
-    length and caches it replaced, for restore_caches."""
-    cfg, dtype = model.config, model.embed_tokens.weight.dtype
-    replaced = model.cache_len, {}
+def install_slice_write_caches(model: TextDecoder, cache_len: int) -> None:
+    """Gives every cache-owning layer of `model` (the conversion's own copy) a SliceWriteKVCache, as setup_caches
+    gives a KVCache."""
+    cfg, dtype = model.config, model.norm.weight.dtype
     for i in cfg.cache_owning_layers:
-        attn = model.layers[i].self_attn
-        replaced[1][i] = attn.kv_cache
-        attn.kv_cache = SliceWriteKVCache(1, cfg.num_kv_heads, cache_len, cfg.head_dim, dtype)
+        model.layers[i].self_attn.kv_cache = SliceWriteKVCache(1, cfg.num_kv_heads, cache_len, cfg.head_dim, dtype)
     model.cache_len = cache_len
-    return replaced
-
-
-def restore_caches(model: TextDecoder, replaced: tuple[int | None, dict[int, KVCache | None]]) -> None:
-    model.cache_len, caches = replaced
-    for i, cache in caches.items():
-        model.layers[i].self_attn.kv_cache = cache
 
 
 def sample_inputs(model: TextDecoder, length: int, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -193,30 +184,27 @@ def convert_program(program: torch.export.ExportedProgram, outputs: list[ct.Tens
 def convert_module(module: nn.Module, sample_args: tuple[Tensor, ...], output_name: str, output_dtype=None,
                    prepare=lambda program: program) -> ct.models.MLModel:
     """One function: the fixed-shape torch.export of `module` (`prepare` rewrites the program), converted with
-    convert_program. With the conversion memo on (exporters.memo), the same module converted again -- the float
-    functions of every compression level, the encoders of several bundles -- is a copy of the package converted
-    first, loaded without its MIL program (compress rebuilds it from the package, as for a fresh conversion)."""
+    convert_program, saved, and returned as its package without the MIL program coremltools keeps in memory (E2B's
+    decoder: 4.8 GB per function; compress rebuilds it from the package). With the conversion memo on
+    (exporters.memo), the same module converted again -- the float functions of every compression level, the
+    encoders of several bundles -- is a copy of the package converted first."""
 
-    def convert(path: Path | None = None) -> ct.models.MLModel:
+    def convert(path: Path) -> None:
         with torch.no_grad():
             program = torch.export.export(module.eval(), sample_args)
-        mlmodel = convert_program(prepare(program), [ct.TensorType(name=output_name, dtype=output_dtype)])
-        if path is not None:
-            mlmodel.save(str(path))
-        return mlmodel
+        convert_program(prepare(program), [ct.TensorType(name=output_name, dtype=output_dtype)]).save(str(path))
 
-    if not memo.enabled():
-        return convert()
+    version = f"coremltools {ct.__version__} {output_name} {output_dtype}"
+    return saved_package(lambda path: memo.memoized([(output_name, module, sample_args)], version, path, convert))
+
+
+def saved_package(write) -> ct.models.MLModel:
+    """The package write(path) saves into a new temporary path, loaded without its MIL program; deleted with the
+    returned model."""
     path = Path(tempfile.mkdtemp(prefix="g3n-coreml-", suffix=".mlpackage"))
     path.rmdir()  # the memo copies a package into a path that does not exist yet
-    version = f"coremltools {ct.__version__} {output_name} {output_dtype}"
-    memo.memoized([(output_name, module, sample_args)], version, path, convert)
+    write(path)
     return ct.models.MLModel(str(path), skip_model_load=True, is_temp_package=True)
-
-
-def convert_step(model: TextDecoder, length: int, last_position_only: bool) -> ct.models.MLModel:
-    """One function: the decoder step for `length` new tokens, converted with fp16 compute."""
-    return convert_module(CoreMLStep(model, last_position_only), sample_inputs(model, length), "logits")
 
 
 def compression_config(recipe: str, block_size: int = 32,
@@ -257,18 +245,25 @@ def compress(functions: dict[str, ct.models.MLModel], spec: ExportSpec, recipe: 
     op_configs = [config.global_config, *config.op_type_configs.values()]
     palettize = any(isinstance(op_config, cto.OpPalettizerConfig) for op_config in op_configs)
     method = cto.palettize_weights if palettize else cto.linear_quantize_weights
-    return {name: method(mlmodel, config) for name, mlmodel in functions.items()}
+    return {name: saved_package(lambda path: method(mlmodel, config).save(str(path)))
+            for name, mlmodel in functions.items()}
+
+
+def decoder_steps(model: TextDecoder, spec: ExportSpec) -> dict[str, tuple[CoreMLStep, tuple[Tensor, ...]]]:
+    """Function name -> (the step it converts, its sample inputs), prefills first, then decode: each step over one
+    float32 copy of the decoder's half (exporters.weights.decoder_half: no PLE table, the token table only as the LM
+    head; E2B's is 9.6 GB in float32, its whole decoder 17.7 GB) with slice-written caches. `model` is left in its
+    dtype, with its own caches."""
+    half = float32_copy(decoder_half(model))
+    install_slice_write_caches(half, spec.cache_len)
+    steps = {prefill_function_name(t): (t, spec.kv_shared_prefill) for t in spec.prefill_lengths}
+    steps[DECODE] = (1, False)
+    return {name: (CoreMLStep(half, last), sample_inputs(half, t)) for name, (t, last) in steps.items()}
 
 
 def convert_functions(model: TextDecoder, spec: ExportSpec) -> dict[str, ct.models.MLModel]:
-    """Every function of the package with fp16 weights, by function name (prefills first, then decode)."""
-    replaced = install_slice_write_caches(model, spec.cache_len)
-    try:
-        steps = {prefill_function_name(t): (t, spec.kv_shared_prefill) for t in spec.prefill_lengths}
-        steps[DECODE] = (1, False)
-        return {name: convert_step(model, t, last) for name, (t, last) in steps.items()}
-    finally:
-        restore_caches(model, replaced)
+    """Every function of the package (decoder_steps) converted with fp16 compute, by function name."""
+    return {name: convert_module(step, sample, "logits") for name, (step, sample) in decoder_steps(model, spec).items()}
 
 
 def write_package(functions: dict[str, ct.models.MLModel], out_dir: str | os.PathLike,
@@ -364,12 +359,12 @@ def convert_encoder_packages(whole: Gemma3n | None, spec: ExportSpec) -> dict[st
     """Package name -> (fp16 functions by name, default function) for every encoder of spec.encoders."""
     packages = {}
     if "vision" in spec.encoders:
-        vision = VisionEmbedder(whole)
+        vision = float32_copy(VisionEmbedder(whole))
         functions = {vision_function_name(size): convert_encoder(vision, vision_sample_inputs(size), "image_embeddings")
                      for size in spec.image_sizes}
         packages[VISION_PACKAGE] = functions, vision_function_name(spec.image_sizes[0])
     if "audio" in spec.encoders:
-        audio = convert_encoder(AudioEmbedder(whole), audio_sample_inputs(), "audio_embeddings")
+        audio = convert_encoder(float32_copy(AudioEmbedder(whole)), audio_sample_inputs(), "audio_embeddings")
         packages[AUDIO_PACKAGE] = {AUDIO_FUNCTION: audio}, AUDIO_FUNCTION
     return packages
 

@@ -48,7 +48,7 @@ from contract.bundle import (
     TARGET_RUNTIMES,
     file_entries,
 )
-from exporters import OWN_DTYPE_TARGETS, export
+from exporters import export
 from exporters.spec import EXPORT_RECORD, ExportSpec
 from exporters.weights import release_checkpoint_pages
 from models.accounting import count_checkpoint, count_config
@@ -361,12 +361,11 @@ def lower_targets(model: TextDecoder | Gemma3n, tmp: Path, specs: dict[str, Expo
 def _lower_from_reference(target: str, tmp: Path, whole: bool, spec: ExportSpec, tokenizer_path: Path,
                           log: Path | None, threads: int) -> None:
     """One target's lowering in a worker process (its output already goes to the log: _log_to), from the checkpoint
-    that build_bundles wrote first, loaded in its own dtype for the exporters that cast a part at a time."""
+    that build_bundles wrote first, loaded in its own dtype (the exporters cast a part at a time)."""
     torch.set_num_threads(threads)
     from models.checkpoint import load_pretrained, load_text_decoder
 
-    dtype = None if spec.target in OWN_DTYPE_TARGETS else torch.float32
-    model = (load_pretrained if whole else load_text_decoder)(tmp / REFERENCE_DIR, dtype=dtype)
+    model = (load_pretrained if whole else load_text_decoder)(tmp / REFERENCE_DIR)
     _write_target(target, tmp / target, model.eval(), spec, Tokenizer(tokenizer_path))
 
 

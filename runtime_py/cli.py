@@ -231,10 +231,10 @@ def _load(args):
     return load_text_decoder(args.checkpoint, dtype=_float32()), str(args.checkpoint)
 
 
-def _load_whole(args, own_dtype: bool = False):
+def _load_whole(args):
     """The model to lower: a whole Gemma3n (the embedded default, or a Gemma3nForConditionalGeneration checkpoint)
-    or a TextDecoder (a Gemma3nForCausalLM checkpoint, or --text-only); in float32, or with own_dtype in the
-    checkpoint's own (for an exporter that casts a part at a time: a bf16 E2B is 22 GB in float32)."""
+    or a TextDecoder (a Gemma3nForCausalLM checkpoint, or --text-only), in the checkpoint's own dtype (the exporters
+    cast a part at a time: a bf16 E2B is 22 GB in float32)."""
     from models import load_pretrained
     from models.default import default_gemma3n
     from models.multimodal import Gemma3n
@@ -245,7 +245,7 @@ def _load_whole(args, own_dtype: bool = False):
         model, source = default_gemma3n(), "embedded default (tiny preset, deterministic weights)"
         model.hf_config = checkpoint_config(model)  # what its reference/ (or a sliced copy) is saved with
     else:
-        model, source = load_pretrained(args.checkpoint, dtype=None if own_dtype else _float32()), str(args.checkpoint)
+        model, source = load_pretrained(args.checkpoint), str(args.checkpoint)
     if args.text_only and isinstance(model, Gemma3n):
         model = model.language_model
     return model, source
@@ -542,7 +542,7 @@ def cmd_bundle(args) -> int:
     from runtime_py.components.tokenizer import checkpoint_tokenizer
 
     plan = _slice_plan(args, "--slice")
-    model, source = _load_whole(args, own_dtype=True)  # build_bundles casts to float32 a part at a time
+    model, source = _load_whole(args)
     info = {"name": source}
     tokenizer = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
     if plan is not None:
@@ -604,14 +604,14 @@ def _bundle_jobs(jobs: int | None, model) -> int:
 def cmd_export(args) -> int:
     from rich.console import Console
 
-    from exporters import OWN_DTYPE_TARGETS, export
+    from exporters import export
     from exporters.spec import EXPORT_RECORD, ExportSpec
     from models.errors import G3nError
     from models.matformer import parse_int_list
     from models.multimodal import Gemma3n
     from runtime_py.bundle import default_cache_len, output_to
 
-    model, source = _load_whole(args, own_dtype=args.target in OWN_DTYPE_TARGETS)
+    model, source = _load_whole(args)
     whole = isinstance(model, Gemma3n)
     spec = ExportSpec(
         target=args.target,

@@ -19,11 +19,11 @@ from exporters.coreml import (
     convert_functions,
     export_coreml,
     install_slice_write_caches,
-    restore_caches,
     summarize_mlpackage,
     write_package,
 )
 from exporters.spec import EXPORT_RECORD, ExportSpec
+from exporters.weights import decoder_half
 from models.default import default_model
 from models.generate import prefill_and_decode
 from runtime_py.executors.coreml_executor import coreml_can_predict
@@ -75,26 +75,26 @@ def compressible_bytes_per_param(model, package, float_package):
     return (summarize_mlpackage(package)["weight_bytes"] - kept) / n
 
 
-def run_eager(model, token_ids, start):
+def run_eager(decoder, model, token_ids, start):
+    """`decoder` (the model or a half of it) over `model`'s two lookups of token_ids at positions from `start`."""
     positions = torch.arange(start, start + token_ids.shape[1])
-    return model.forward_embeddings(model.embed(token_ids), model.per_layer_embedding(token_ids), positions)
+    return decoder.forward_embeddings(model.embed(token_ids), model.per_layer_embedding(token_ids), positions)
 
 
 def test_slice_written_cache_equals_the_models_own_cache(model):
-    """The Core ML lowering writes the cache as a slice at input_pos[0]; eager, that must give exactly what the
-    model's index_put cache gives, for a prefill and cached decode steps, and the model gets its caches back."""
+    """The Core ML lowering writes the cache of its copy of the decoder's half as a slice at input_pos[0]; eager,
+    that must give exactly what the model's index_put cache gives, for a prefill and cached decode steps, and the
+    model keeps its own caches."""
     cfg = model.config
     ids = prompt_ids(cfg.vocab_size)
     eager_prefill, eager_steps, tokens = prefill_and_decode(model, ids, DECODE_STEPS, CACHE_LEN)
     own_caches = [model.layers[i].self_attn.kv_cache for i in cfg.cache_owning_layers]
 
-    replaced = install_slice_write_caches(model, CACHE_LEN)
-    try:
-        with torch.no_grad():
-            prefill = run_eager(model, ids, 0)
-            steps = [run_eager(model, torch.tensor([[token]]), PROMPT_LEN + i) for i, token in enumerate(tokens[:-1])]
-    finally:
-        restore_caches(model, replaced)
+    half = decoder_half(model)
+    install_slice_write_caches(half, CACHE_LEN)
+    with torch.no_grad():
+        prefill = run_eager(half, model, ids, 0)
+        steps = [run_eager(half, model, torch.tensor([[token]]), PROMPT_LEN + i) for i, token in enumerate(tokens[:-1])]
     assert (prefill - eager_prefill).abs().max().item() <= 1e-6
     for step, expected in zip(steps, eager_steps):
         assert (step[:, -1] - expected).abs().max().item() <= 1e-6
@@ -186,6 +186,35 @@ def test_export_coreml_writes_only_the_package_and_leaves_the_model_as_it_was(mo
     assert set(summarize_mlpackage(package)["functions"]) == FUNCTIONS
     assert [model.layers[i].self_attn.kv_cache for i in model.config.cache_owning_layers] == own_caches
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
+
+
+def test_a_bf16_models_steps_are_its_float32_copys(model):
+    """`g3n export --target coreml` and `g3n bundle --targets ios` keep a bf16 checkpoint bf16 (a float32 E2B does not
+    fit in 24 GB beside its conversion): the steps Core ML converts are over a float32 copy of the decoder's half,
+    and compute what the float32 copy of the same bf16 weights does, output for output, the caller's bf16 model left
+    as it was. Eager, not traced: what differs is the casting, which torch.export does not touch."""
+    from exporters.coreml import decoder_steps
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in bf16.state_dict().items()}
+    float_copy = copy.deepcopy(bf16).float()
+    spec = coreml_spec()
+    outputs = []
+    for m in (bf16, float_copy):
+        steps = decoder_steps(m, spec)
+        assert list(steps) == [f"prefill_{PROMPT_LEN}", "decode"]
+        params = [p for step, _ in steps.values() for p in step.parameters()]
+        assert params and all(p.dtype == torch.float32 for p in params)
+        # No PLE table and no token table but the LM head's: the half holds a fraction of E2B's 5.4B parameters.
+        assert sum(p.numel() for p in steps["decode"][0].parameters()) == sum(p.numel() for p in decoder_params(m)[0])
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs.append([step(*(torch.randn_like(x) if x.is_floating_point() else x for x in sample))
+                            for step, sample in steps.values()])
+    for ours, theirs in zip(*outputs):
+        assert torch.equal(ours, theirs)
+    after = bf16.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize("backend", [
