@@ -9,6 +9,10 @@ row = weight[id] * scale[id] (symmetric, per row). int4: `weight` [V_ple, L * P 
 [V_ple, L] fp32, one per row and layer: row[l, p] = q[l * P + p] * scale[id, l]. The reader multiplies by
 `embed_scale` (sqrt(P)), as the model does. Metadata (one JSON entry) records the storage and the shapes; the
 header is JSON, never a pickle.
+
+The same format holds the Core ML bundle's token table (embeddings.safetensors: rows [V, H], in H / 32 groups of 32
+as "num_layers" groups of "dim", embed_scale sqrt(H)): an app reads a row of it as a row of this table, reshaped
+to [H].
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ Functions of `model.mlpackage` (T: every length of spec.prefill_lengths):
 input_pos must be consecutive (start, start+1, ...): the caches are written as one slice at input_pos[0]. Masks and
 RoPE are computed in-graph from input_pos, so there is no mask input. The KV cache is one pair of fp16 states
 `<layer>_k_cache` / `<layer>_v_cache` [1, K, C, D] per cache-owning layer, with the same names in every function.
-Neither table lookup is in the package: an app reads the PLE rows from the safetensors asset (exporters.ple) and the
-token embeddings from its own copy of the table; the tied LM head keeps its weight inside the graph.
+Neither table lookup is in the package: an app reads the PLE rows and the token rows from two memory-mappable
+assets beside it (per_layer_embeddings.safetensors and embeddings.safetensors, both in contract.ple's format); the
+tied LM head keeps its weight inside the graph.
 
 The encoders (models.encoders: each the tower and its embedder into the text width, as one graph), fp16 compute,
 float32 inputs and outputs (the outputs are rows of the decoder's float32 inputs_embeds):
@@ -49,13 +50,13 @@ from coremltools.converters.mil.frontend.torch.torch_op_registry import (
 from torch import Tensor, nn
 
 from contract.bundle import AUDIO_ENCODER as AUDIO_FUNCTION
-from contract.bundle import AUDIO_PACKAGE, COREML_WEIGHTS_DIR, DECODE, VISION_PACKAGE
+from contract.bundle import AUDIO_PACKAGE, COREML_WEIGHTS_DIR, DECODE, EMBEDDINGS_FILE, VISION_PACKAGE
 from contract.bundle import COREML_PACKAGE as PACKAGE_NAME
 from contract.bundle import prefill_name as prefill_function_name
 from contract.bundle import vision_encoder_name as vision_function_name
 from exporters import memo
-from exporters.ple import write_ple_asset
-from exporters.spec import ExportSpec, check_target, export_folder, split_model
+from exporters.ple import write_ple_asset, write_ple_table
+from exporters.spec import EMBEDDING_BLOCK, ExportSpec, check_target, export_folder, split_model
 from exporters.weights import decoder_half, float32_copy
 from models.encoders import (
     AudioEmbedder,
@@ -75,6 +76,9 @@ WEIGHTS_DIR = Path(COREML_WEIGHTS_DIR)
 # Only weights of more than this many elements are compressed; the rest (norm scales, AltUp coefficients, small
 # projections) stay fp16, since compressing them saves almost nothing. coremltools' own default.
 MIN_QUANTIZED_ELEMENTS = 2048
+# The token table's storage beside each decoder scheme: the decoder's width (the 4-bit ones: int4 in groups of
+# EMBEDDING_BLOCK, the other targets' token embedders' block). In fp16 E2B's table would be 1.07 GB of the bundle.
+TOKEN_TABLE_STORAGE = {"none": "fp16", "int8-per-channel": "int8", "int4-per-block": "int4", "palettize-4bit": "int4"}
 aten = torch.ops.aten
 
 
@@ -307,7 +311,8 @@ def make_reproducible(package: Path) -> None:
 
 def export_coreml(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | os.PathLike) -> Path:
     """Writes out_dir/model.mlpackage (prefill_<T> and decode over one KV-cache state), beside it the packages of
-    spec.encoders (of a whole Gemma3n), per_layer_embeddings.safetensors and export.json; returns the decoder
+    spec.encoders (of a whole Gemma3n), per_layer_embeddings.safetensors, embeddings.safetensors (the token table)
+    and export.json; returns the decoder
     package's path. out_dir must not exist (exporters.spec.export_folder). The model is left as it was, its own
     caches included."""
     check_target(spec, "coreml")
@@ -316,9 +321,20 @@ def export_coreml(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str |
         write_package(compress(convert_functions(decoder.eval(), spec), spec), tmp)
         for name, (functions, default) in convert_encoder_packages(whole, spec).items():
             write_package(compress(functions, spec, spec.encoder_recipe, ENCODER_WEIGHT_OPS), tmp, name, default)
-        # The app reads the PLE rows from this memory-mappable asset (the other targets carry the table inside).
+        # The app reads the PLE rows and the token rows from these memory-mappable assets (the other targets carry
+        # both tables inside).
         write_ple_asset(decoder, tmp, spec.ple_storage)
+        write_token_table(decoder, tmp, TOKEN_TABLE_STORAGE[spec.quant])
     return Path(out_dir) / PACKAGE_NAME
+
+
+def write_token_table(model: TextDecoder, directory: str | os.PathLike, storage: str) -> Path:
+    """directory/embeddings.safetensors: the token-embedding table whose rows the app feeds the package, in the PLE
+    asset's format (contract.ple), each row in groups of EMBEDDING_BLOCK where the PLE table's are its layers."""
+    h = model.config.hidden_size
+    groups = h // EMBEDDING_BLOCK if h % EMBEDDING_BLOCK == 0 else 1
+    return write_ple_table(model.embed_tokens.weight.detach(), Path(directory) / EMBEDDINGS_FILE, storage,
+                           model.config.vocab_size, groups, model.embed_scale)
 
 
 # --- encoders ------------------------------------------------------------------------------------------------------

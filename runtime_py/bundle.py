@@ -38,7 +38,6 @@ from safetensors.torch import save_file
 
 from contract.bundle import (
     CHAT_TEMPLATE_FILE,
-    EMBEDDINGS_FILE,
     GOLDEN_FILE,
     GOLDEN_MEDIA_FILE,
     MANIFEST,
@@ -117,11 +116,6 @@ def golden_vectors(model: TextDecoder | Gemma3n, tokenizer: Tokenizer) -> tuple[
     return summary, tensors
 
 
-def _token_embeddings(model: TextDecoder) -> dict[str, torch.Tensor]:
-    """The token-embedding table for apps whose graph takes embeddings (Core ML), already scaled by sqrt(H)."""
-    return {"weight": (model.embed_tokens.weight.detach().float() * model.embed_scale).half().contiguous()}
-
-
 def checkpoint_config(model: Gemma3n) -> dict:
     """The config.json that save_pretrained writes for a whole model: the one it was loaded with, or for the embedded
     default (built in code) the transformers config it corresponds to, so that reference/ loads back the same model."""
@@ -144,7 +138,6 @@ def default_cache_len(model: TextDecoder | Gemma3n) -> int:
 
 def _write_target(target: str, folder: Path, model: TextDecoder | Gemma3n, spec: ExportSpec,
                   tokenizer: Tokenizer) -> None:
-    decoder = model.language_model if isinstance(model, Gemma3n) else model
     if target == "android":
         export(model, spec, folder, tokenizer_path=tokenizer.path)  # creates `folder` atomically
         for tflite in folder.glob("*.tflite"):  # decoder, embedders and encoders are all sections of the .litertlm
@@ -152,8 +145,6 @@ def _write_target(target: str, folder: Path, model: TextDecoder | Gemma3n, spec:
     else:
         export(model, spec, folder)
     (folder / EXPORT_RECORD).unlink()  # its content moves into the manifest
-    if target == "ios":
-        save_file(_token_embeddings(decoder), folder / EMBEDDINGS_FILE, metadata={"scaled": "sqrt(hidden)"})
     # Android apps read the tokenizer inside the .litertlm; the copy serves host-side runtimes.
     shutil.copyfile(tokenizer.path, folder / tokenizer.path.name)
     (folder / CHAT_TEMPLATE_FILE).write_text(JINJA)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from contract.bundle import PLE_ASSET_FILE
+from contract.bundle import EMBEDDINGS_FILE, PLE_ASSET_FILE
+from contract.ple import PleTable
 from exporters.coreml import (
     MIN_QUANTIZED_ELEMENTS,
     compress,
@@ -182,8 +183,18 @@ def test_export_coreml_writes_only_the_package_and_leaves_the_model_as_it_was(mo
     own_caches = [model.layers[i].self_attn.kv_cache for i in model.config.cache_owning_layers]
     package = export_coreml(model, coreml_spec("int4-per-block"), tmp_path / "out")
     assert package == tmp_path / "out" / "model.mlpackage"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [EXPORT_RECORD, "model.mlpackage", PLE_ASSET_FILE]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [EXPORT_RECORD, "model.mlpackage", PLE_ASSET_FILE, EMBEDDINGS_FILE])
     assert set(summarize_mlpackage(package)["functions"]) == FUNCTIONS
+    # The token table beside it at the decoder's width: int4 in groups of 32, each value within half a step.
+    table = PleTable(tmp_path / "out" / EMBEDDINGS_FILE)
+    assert table.storage == "int4" and (table.num_layers, table.dim) == (model.config.hidden_size // 32, 32)
+    ids = torch.arange(model.config.vocab_size)
+    rows = torch.from_numpy(table.rows(ids.numpy())).flatten(1)
+    with torch.no_grad():
+        expected = model.embed(ids[None])[0]
+    step = expected.unflatten(1, (-1, 32)).abs().amax(2, keepdim=True) / 7
+    assert ((rows - expected).unflatten(1, (-1, 32)).abs() <= step * 0.5001 + 1e-6).all()
     assert [model.layers[i].self_attn.kv_cache for i in model.config.cache_owning_layers] == own_caches
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from contract.bundle import (
     AUDIO_ENCODER,
@@ -26,6 +25,7 @@ from contract.bundle import (
     prefill_name,
     vision_encoder_name,
 )
+from contract.ple import PleTable
 from models.errors import InputError
 from runtime_py.executors.base import check_image_size
 
@@ -75,12 +75,13 @@ class CoreMLExecutor:
         load = function_loader(backend, compute_units)
         self.name, package = backend, Path(bundle) / COREML_PACKAGE
         self.functions = {name: load(package, name) for name in [prefill_name(t) for t in prefill_lengths] + [DECODE]}
-        self.table = load_file(str(Path(bundle) / EMBEDDINGS_FILE))["weight"]
+        self.table = PleTable(Path(bundle) / EMBEDDINGS_FILE)  # the token table, in the PLE asset's format
         self.cache_len, self.prefill_lengths = cache_len, tuple(prefill_lengths)
         self.reset()
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.table[np.asarray(ids)].astype(np.float32)[None]
+        ids = np.asarray(ids).reshape(-1)
+        return self.table.rows(ids).reshape(len(ids), -1)[None]
 
     def _run(self, function: str, embeds, rows, start: int) -> np.ndarray:
         T = embeds.shape[1]
