@@ -47,6 +47,7 @@ from coremltools.converters.mil.frontend.torch.ops import _get_inputs
 from coremltools.converters.mil.frontend.torch.torch_op_registry import (
     register_torch_op,
 )
+from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
 from torch import Tensor, nn
 
 from contract.bundle import AUDIO_ENCODER as AUDIO_FUNCTION
@@ -160,6 +161,26 @@ def fp16_op_selector():
     return computes_in_fp16
 
 
+def fp16_overflow(op) -> bool:
+    """coremltools' FP16ComputePrecision.fp16_overflow (an op with an fp32 constant input whose finite values
+    exceed fp16's range stays fp32), a slice of each constant at a time: coremltools' own takes np.where of the
+    whole constant, three int64 index arrays per element (13 GB for E2B's LM head), which ran the real-size
+    conversion out of memory."""
+    for inputs in op.inputs.values():
+        for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+            if var.op is None or var.op.op_type != "const" or not var.is_tensor_or_scalar_of(dtype="fp32"):
+                continue
+            flat = np.asarray(var.op.val.val).reshape(-1)
+            for start in range(0, flat.size, 1 << 24):
+                magnitude = np.abs(flat[start:start + (1 << 24)])
+                if np.max(magnitude, where=magnitude < 1e38, initial=0.0) > 65504:
+                    return True
+    return False
+
+
+FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+
+
 @register_torch_op(override=True)
 def gelu(context, node):
     """coremltools' gelu converter, reading the mode from torch.export's keyword too. Its own reads the arguments
@@ -171,13 +192,22 @@ def gelu(context, node):
     context.add(mb.gelu(x=inputs[0], mode="TANH_APPROXIMATION" if approximate == "tanh" else "EXACT", name=node.name))
 
 
+def decompositions():
+    """torch.export's default decompositions but aten.linear's: decomposed, each Linear's weight is permuted in the
+    graph, which coremltools folds into a transposed copy of every weight (E2B's LM head: 2.1 GB in float32, and
+    copies of the copy), where MIL's linear takes the weight as it is."""
+    table = torch.export.default_decompositions()
+    del table[aten.linear.default]
+    return table
+
+
 def convert_program(program: torch.export.ExportedProgram, outputs: list[ct.TensorType] | None = None,
                     fp16: bool = True) -> ct.models.MLModel:
     """One function with fp16 compute but for the ops fp16_op_selector keeps float32 (fp16=False: all float32);
     iOS 18: states, multifunction packages, int8 per-channel constexprs."""
     precision = ct.transform.FP16ComputePrecision(op_selector=fp16_op_selector()) if fp16 else ct.precision.FLOAT32
     return ct.convert(
-        program.run_decompositions(),
+        program.run_decompositions(decompositions()),
         minimum_deployment_target=ct.target.iOS18,
         compute_precision=precision,
         outputs=outputs,
