@@ -161,6 +161,9 @@ def fp16_op_selector():
     return computes_in_fp16
 
 
+coremltools_fp16_overflow = FP16ComputePrecision.fp16_overflow
+
+
 def fp16_overflow(op) -> bool:
     """coremltools' FP16ComputePrecision.fp16_overflow (an op with an fp32 constant input whose finite values
     exceed fp16's range stays fp32), a slice of each constant at a time: coremltools' own takes np.where of the

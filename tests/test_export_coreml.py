@@ -268,3 +268,22 @@ def test_coreml_prefill_and_decode_match_eager_pytorch(model, float_package, bac
         assert (run(prefill, ids, 0) - eager_prefill[:, -1]).abs().max().item() <= tolerance
         for pos, token, expected in zip(range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS), tokens, eager_steps):
             assert (run(decode, torch.tensor([[token]]), pos) - expected).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("values, overflows", [([1.0, -2.0, 65504.0], False), ([1.0, 70000.0, 3.0], True),
+                                               ([-65505.0, 0.0, 1.0], True), ([np.inf, 1.0, -np.inf], False),
+                                               ([2e38, -3e38, 5.0], False), ([2e38, 65600.0, 0.0], True)])
+def test_fp16_overflow_check_answers_as_coremltools_own(values, overflows):
+    """exporters.coreml.fp16_overflow (a slice of a constant at a time) decides as coremltools' own check (np.where of
+    the whole constant: 13 GB of index arrays for E2B's LM head) on constants at and past fp16's range, infinities
+    and values it treats as infinite (beyond 1e38)."""
+    from coremltools.converters.mil import Builder as mb
+
+    from exporters.coreml import coremltools_fp16_overflow, fp16_overflow
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))])
+    def program(x):
+        return mb.add(x=x, y=np.array([values, [0.0, 1.0, 2.0]], dtype=np.float32))
+
+    (op,) = [op for op in program.functions["main"].operations if op.op_type == "add"]
+    assert fp16_overflow(op) == coremltools_fp16_overflow(op) == overflows
