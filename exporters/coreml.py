@@ -29,6 +29,7 @@ matmul weights of more than MIN_QUANTIZED_ELEMENTS elements; ENCODER_WEIGHT_OPS)
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import shutil
@@ -286,21 +287,33 @@ def compress(functions: dict[str, ct.models.MLModel], spec: ExportSpec, recipe: 
             for name, mlmodel in functions.items()}
 
 
-def decoder_steps(model: TextDecoder, spec: ExportSpec) -> dict[str, tuple[CoreMLStep, tuple[Tensor, ...]]]:
-    """Function name -> (the step it converts, its sample inputs), prefills first, then decode: each step over one
-    float32 copy of the decoder's half (exporters.weights.decoder_half: no PLE table, the token table only as the LM
-    head; E2B's is 9.6 GB in float32, its whole decoder 17.7 GB) with slice-written caches. `model` is left in its
-    dtype, with its own caches."""
-    half = float32_copy(decoder_half(model))
-    install_slice_write_caches(half, spec.cache_len)
+def decoder_steps(model: TextDecoder, spec: ExportSpec) -> dict[str, tuple[int, bool]]:
+    """Function name -> (new tokens, last position only), prefills first, then decode."""
     steps = {prefill_function_name(t): (t, spec.kv_shared_prefill) for t in spec.prefill_lengths}
     steps[DECODE] = (1, False)
-    return {name: (CoreMLStep(half, last), sample_inputs(half, t)) for name, (t, last) in steps.items()}
+    return steps
+
+
+def decoder_step(model: TextDecoder, spec: ExportSpec, length: int, last_position_only: bool
+                 ) -> tuple[CoreMLStep, tuple[Tensor, ...]]:
+    """(The step a function converts, its sample inputs): over a float32 copy of the decoder's half of its own
+    (exporters.weights.decoder_half: no PLE table, the token table only as the LM head; E2B's is 9.6 GB in float32,
+    its whole decoder 17.7 GB) with slice-written caches. `model` is left in its dtype, with its own caches."""
+    half = float32_copy(decoder_half(model))
+    install_slice_write_caches(half, spec.cache_len)
+    return CoreMLStep(half, last_position_only), sample_inputs(half, length)
 
 
 def convert_functions(model: TextDecoder, spec: ExportSpec) -> dict[str, ct.models.MLModel]:
-    """Every function of the package (decoder_steps) converted with fp16 compute, by function name."""
-    return {name: convert_module(step, sample, "logits") for name, (step, sample) in decoder_steps(model, spec).items()}
+    """Every function of the package converted with fp16 compute, by function name, each from a float32 copy of its
+    own (decoder_step): one copy of E2B's half (9.6 GB) at a time."""
+    functions = {}
+    for name, (length, last) in decoder_steps(model, spec).items():
+        functions[name] = convert_module(*decoder_step(model, spec, length, last), "logits")
+        # The copy is in reference cycles through torch.export's graph modules: only a collection frees it, and at
+        # E2B the next conversion, or compress, beside it ran out of memory.
+        gc.collect()
+    return functions
 
 
 def write_package(functions: dict[str, ct.models.MLModel], out_dir: str | os.PathLike,

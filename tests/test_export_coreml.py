@@ -204,24 +204,25 @@ def test_a_bf16_models_steps_are_its_float32_copys(model):
     fit in 24 GB beside its conversion): the steps Core ML converts are over a float32 copy of the decoder's half,
     and compute what the float32 copy of the same bf16 weights does, output for output, the caller's bf16 model left
     as it was. Eager, not traced: what differs is the casting, which torch.export does not touch."""
-    from exporters.coreml import decoder_steps
+    from exporters.coreml import decoder_step, decoder_steps
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     before = {k: v.clone() for k, v in bf16.state_dict().items()}
     float_copy = copy.deepcopy(bf16).float()
     spec = coreml_spec()
+    assert decoder_steps(bf16, spec) == {f"prefill_{PROMPT_LEN}": (PROMPT_LEN, True), "decode": (1, False)}
     outputs = []
     for m in (bf16, float_copy):
-        steps = decoder_steps(m, spec)
-        assert list(steps) == [f"prefill_{PROMPT_LEN}", "decode"]
-        params = [p for step, _ in steps.values() for p in step.parameters()]
-        assert params and all(p.dtype == torch.float32 for p in params)
-        # No PLE table and no token table but the LM head's: the half holds a fraction of E2B's 5.4B parameters.
-        assert sum(p.numel() for p in steps["decode"][0].parameters()) == sum(p.numel() for p in decoder_params(m)[0])
         torch.manual_seed(0)
-        with torch.no_grad():
-            outputs.append([step(*(torch.randn_like(x) if x.is_floating_point() else x for x in sample))
-                            for step, sample in steps.values()])
+        outputs.append([])
+        for length, last in decoder_steps(m, spec).values():
+            step, sample = decoder_step(m, spec, length, last)
+            params = list(step.parameters())
+            assert params and all(p.dtype == torch.float32 for p in params)
+            # No PLE table and no token table but the LM head's: the half holds 2.4B of E2B's 5.4B parameters.
+            assert sum(p.numel() for p in params) == sum(p.numel() for p in decoder_params(m)[0])
+            with torch.no_grad():
+                outputs[-1].append(step(*(torch.randn_like(x) if x.is_floating_point() else x for x in sample)))
     for ours, theirs in zip(*outputs):
         assert torch.equal(ours, theirs)
     after = bf16.state_dict()
