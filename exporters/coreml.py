@@ -287,7 +287,7 @@ def compress(functions: dict[str, ct.models.MLModel], spec: ExportSpec, recipe: 
             for name, mlmodel in functions.items()}
 
 
-def decoder_steps(model: TextDecoder, spec: ExportSpec) -> dict[str, tuple[int, bool]]:
+def decoder_steps(spec: ExportSpec) -> dict[str, tuple[int, bool]]:
     """Function name -> (new tokens, last position only), prefills first, then decode."""
     steps = {prefill_function_name(t): (t, spec.kv_shared_prefill) for t in spec.prefill_lengths}
     steps[DECODE] = (1, False)
@@ -308,7 +308,7 @@ def convert_functions(model: TextDecoder, spec: ExportSpec) -> dict[str, ct.mode
     """Every function of the package converted with fp16 compute, by function name, each from a float32 copy of its
     own (decoder_step): one copy of E2B's half (9.6 GB) at a time."""
     functions = {}
-    for name, (length, last) in decoder_steps(model, spec).items():
+    for name, (length, last) in decoder_steps(spec).items():
         functions[name] = convert_module(*decoder_step(model, spec, length, last), "logits")
         # The copy is in reference cycles through torch.export's graph modules: only a collection frees it, and at
         # E2B the next conversion, or compress, beside it ran out of memory.
@@ -358,9 +358,8 @@ def make_reproducible(package: Path) -> None:
 def export_coreml(model: TextDecoder | Gemma3n, spec: ExportSpec, out_dir: str | os.PathLike) -> Path:
     """Writes out_dir/model.mlpackage (prefill_<T> and decode over one KV-cache state), beside it the packages of
     spec.encoders (of a whole Gemma3n), per_layer_embeddings.safetensors, embeddings.safetensors (the token table)
-    and export.json; returns the decoder
-    package's path. out_dir must not exist (exporters.spec.export_folder). The model is left as it was, its own
-    caches included."""
+    and export.json; returns the decoder package's path. out_dir must not exist (exporters.spec.export_folder). The
+    model is left as it was, its own caches included."""
     check_target(spec, "coreml")
     decoder, whole = split_model(model, spec)
     with export_folder(out_dir, spec) as tmp:

@@ -210,12 +210,12 @@ def test_a_bf16_models_steps_are_its_float32_copys(model):
     before = {k: v.clone() for k, v in bf16.state_dict().items()}
     float_copy = copy.deepcopy(bf16).float()
     spec = coreml_spec()
-    assert decoder_steps(bf16, spec) == {f"prefill_{PROMPT_LEN}": (PROMPT_LEN, True), "decode": (1, False)}
+    assert decoder_steps(spec) == {f"prefill_{PROMPT_LEN}": (PROMPT_LEN, True), "decode": (1, False)}
     outputs = []
     for m in (bf16, float_copy):
         torch.manual_seed(0)
         outputs.append([])
-        for length, last in decoder_steps(m, spec).values():
+        for length, last in decoder_steps(spec).values():
             step, sample = decoder_step(m, spec, length, last)
             params = list(step.parameters())
             assert params and all(p.dtype == torch.float32 for p in params)
