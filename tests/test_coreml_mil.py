@@ -147,7 +147,7 @@ def test_compressed_weights_are_dequantized_as_coremltools_defines_them(scheme, 
     torch.manual_seed(0)
     layer, x = nn.Linear(128, 32), torch.randn(3, 128)  # 4,096 weights: past the exporters' 2,048 threshold
     function = convert(layer, (x,), tmp_path / f"{scheme}.mlpackage", "fp32", scheme)
-    assert op in {o.op_type for o in function.program_function.operations}
+    assert op in function.op_types
     linear = next(args for op_type, _, args, _, _ in function.steps if op_type == "linear")
     weight = function.constants[linear["weight"]]
     error = (weight - layer.weight.detach()).abs().max().item()
@@ -160,6 +160,36 @@ def test_compressed_weights_are_dequantized_as_coremltools_defines_them(scheme, 
     with torch.no_grad():
         expected = F.linear(x, weight, layer.bias).numpy()
     assert np.abs(run(function, (x,)) - expected).max() <= 1e-5
+
+
+def test_a_packages_functions_hold_each_compressed_weight_once_as_fp16(tmp_path):
+    """Two functions over one int4 Linear (as prefill and decode share the decoder's weights): the executor holds the
+    dequantized weight once, as fp16, and no compressed part of it (E2B's package ran out of memory holding the int4
+    data as int64 and each function's weights in float32); each computes the Linear of that weight."""
+    from exporters.coreml import write_package
+
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 64).eval()
+    spec = ExportSpec("coreml", quant="int4-per-block", block_size=32)
+    functions = {}
+    for name, rows in (("long", 5), ("short", 1)):
+        with torch.no_grad():
+            program = torch.export.export(layer, (torch.randn(rows, 128),))
+        functions[name] = convert_program(program, fp16=True)
+    package = write_package(compress(functions, spec), tmp_path, "two.mlpackage", default_function="short")
+    loaded = MilPackage(package)
+    long, short = loaded.function("long"), loaded.function("short")
+    weights = [next(f.constants[args["weight"]] for op_type, _, args, _, _ in f.steps if op_type == "linear")
+               for f in (long, short)]
+    assert weights[0] is weights[1] and weights[0].dtype == torch.float16 and weights[0].shape == (64, 128)
+    held = [t for f in (long, short) for t in f.constants.values() if isinstance(t, torch.Tensor)]
+    assert not [t.shape for t in held if t.numel() >= 64 * 128 and t is not weights[0]]
+    x = np.random.default_rng(0).standard_normal((5, 128)).astype(np.float32)
+    for function, rows in ((long, x), (short, x[:1])):
+        got = run(function, (torch.from_numpy(rows),))
+        # the package's own int4 weight, in float32: what is left is fp16 rounding of inputs, bias and output
+        expected = F.linear(torch.from_numpy(rows), weights[0].float(), layer.bias.detach()).numpy()
+        assert np.abs(got - expected).max() <= 2e-3 * np.abs(expected).max()
 
 
 def test_an_op_the_executor_does_not_know_is_an_error_naming_it(tmp_path):
@@ -246,8 +276,8 @@ def test_the_executor_against_core_ml_itself(default_bundles, capsys):
     rng = np.random.default_rng(0)
     mil = function_loader("coreml-mil")(package, "decode")
     inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
-              (("inputs_embeds", mil.program_function.inputs["inputs_embeds"].shape),
-               ("per_layer_rows", mil.program_function.inputs["per_layer_rows"].shape))}
+              (("inputs_embeds", mil.input_shapes["inputs_embeds"]),
+               ("per_layer_rows", mil.input_shapes["per_layer_rows"]))}
     inputs["input_pos"] = np.array([3], np.int32)
     expected = mil.predict(inputs, state=mil.make_state())["logits"]
     for units in ("CPU_ONLY", "CPU_AND_GPU"):
