@@ -97,6 +97,20 @@ def test_teacher_forced_greedy_count_is_the_free_running_agreement(model):
     assert 0 < compare.leading_agreement(ref_tokens, free_tokens) < 13  # the perturbation shows, but not at once
 
 
+def test_a_bf16_models_reference_is_its_float32_copys_and_leaves_it_bf16(model):
+    """A real-size checkpoint is bf16: the reference computes what its float32 copy computes, bit for bit (layer
+    outputs and logits), a part at a time (models.float32), and the caller's model stays bf16 (model.float() cast
+    E2B whole: 22 GB)."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    expected = compare.FloatReference(copy.deepcopy(bf16).float()).trace(PROMPT_IDS, STEPS, CACHE_LEN, (PREFILL_LEN,))
+    got = compare.FloatReference(bf16).trace(PROMPT_IDS, STEPS, CACHE_LEN, (PREFILL_LEN,))
+    assert got[1] == expected[1]
+    np.testing.assert_array_equal(got[0].logits, expected[0].logits)
+    for got_call, expected_call in zip(got[0].calls, expected[0].calls, strict=True):
+        np.testing.assert_array_equal(np.stack(got_call), np.stack(expected_call))
+    assert {t.dtype for t in bf16.parameters()} == {torch.bfloat16}
+
+
 # --- thresholds -------------------------------------------------------------------------------------------------------
 
 

@@ -95,12 +95,15 @@ class FloatReference:
     embedders' rows (embed_as_whole_model); the decoder is traced either way."""
 
     def __init__(self, model):
+        from models.float32 import float32_reference
         from runtime_py.compare.debug_export import FloatLookups
         from runtime_py.components.media import MediaTokenRows
 
-        whole = model if hasattr(model, "language_model") else None
-        self.model = (whole.language_model if whole is not None else model).float().eval()
-        self.media_rows = MediaTokenRows.from_model(whole.float().eval()) if whole is not None else None
+        # Not model.float(): a bf16 real-size model would be cast whole (22 GB for E2B), the caller's tensors too.
+        reference = float32_reference(model)
+        whole = reference if hasattr(reference, "language_model") else None
+        self.model = whole.language_model if whole is not None else reference
+        self.media_rows = MediaTokenRows.from_model(whole) if whole is not None else None
         self.lookups = FloatLookups(self.model)
         self._traces: dict = {}
 
