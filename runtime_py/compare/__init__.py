@@ -188,17 +188,73 @@ def check_cells_present(cells: list[str], thresholds: dict) -> None:
         raise InputError(f"{thresholds['path']}: no limits for cell {missing[0]} (add \"{missing[0]}\" under \"cells\")")
 
 
+def reference_key(manifest: dict) -> str:
+    """Bundles of one reference checkpoint share its float model."""
+    return json.dumps(manifest["reference"]["files"], sort_keys=True)
+
+
+def bundle_inputs(job: Comparison, bundle: Path, manifest: dict):
+    """(tokenizer, the prompt's ids, media rows) of a bundle; media rows: a whole model's bundle's rows for the media
+    vocabularies (embed_as_whole_model), else None."""
+    from runtime_py.components.tokenizer import Tokenizer
+
+    media_rows = None
+    if manifest.get("encoders"):
+        from runtime_py.components.media import MediaTokenRows
+
+        media_rows = MediaTokenRows.from_file(bundle / manifest["encoders"]["media_token_embeddings"]["file"])
+    tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
+    return tokenizer, prompt_ids_for(job.prompt, tokenizer, manifest["tokenizer"]["bos_id"]), media_rows
+
+
+def prepared_references(job: Comparison, planned) -> tuple[dict[str, FloatReference], dict[str, EncoderReference]]:
+    """The float references of the planned rows, by reference_key, with every output a row asks of them computed
+    before any backend runs: the trace, the lookups of the run's ids, the encoders on the golden media. Unless rows
+    may be localised (a debug export needs the model), the models are then dropped, so that a backend never runs
+    beside its reference: at E2B the reference alone is 15-19 GB, a backend up to 13 GB."""
+    from runtime_py.engine import reference_model
+    from runtime_py.executors.base import release_freed_memory
+
+    references: dict[str, FloatReference] = {}
+    encoder_references: dict[str, EncoderReference] = {}
+    for bundle, manifest, backend in planned:
+        if skip_reason(backend):
+            continue
+        ref_key, has_encoders = reference_key(manifest), bool(manifest.get("encoders"))
+        if ref_key not in references or (has_encoders and ref_key not in encoder_references):
+            job.progress(f"{bundle}: the float reference")
+            # The reference checkpoint, checked against the manifest as the torch backend does; whole (with its
+            # encoders) when the bundle carries encoders.
+            model = reference_model(bundle, manifest, whole=has_encoders)
+            references.setdefault(ref_key, FloatReference(model))
+            if hasattr(model, "language_model"):
+                encoder_references[ref_key] = EncoderReference(model)
+            del model
+        reference = references[ref_key]
+        _, prompt_ids, _ = bundle_inputs(job, bundle, manifest)
+        spec = manifest["export_spec"]
+        _, ref_tokens = reference.trace(prompt_ids, job.steps, spec["cache_len"], spec["prefill_lengths"])
+        ids = np.asarray(prompt_ids + ref_tokens[:-1], dtype=np.int64)
+        reference.embed(ids), reference.per_layer_rows(ids)
+        if has_encoders and backend in ENCODER_BACKENDS:
+            for component, _, _, args in golden_media_inputs(bundle, manifest):
+                encoder_references[ref_key].run(component, *args)
+    if job.localise == "never":
+        for reference in (*references.values(), *encoder_references.values()):
+            reference.release()
+        release_freed_memory()
+    return references, encoder_references
+
+
 def run_comparison(job: Comparison) -> dict:
     """Runs every row and returns the report (see write_report); rows past their limits are localised."""
-    from runtime_py.components.tokenizer import Tokenizer
-    from runtime_py.engine import open_bundle, reference_model
+    from runtime_py.engine import open_bundle
 
     planned = planned_cells(job.bundles)
     if job.enforce:
         check_cells_present([f"{backend}/{m['quantization']['level']}" for _, m, backend in planned
                              if not skip_reason(backend)], job.thresholds)
-    references: dict[str, FloatReference] = {}
-    encoder_references: dict[str, EncoderReference] = {}
+    references, encoder_references = prepared_references(job, planned)
     rows: list[Row] = []
     inputs = None
     debug_cache: dict = {}
@@ -211,24 +267,10 @@ def run_comparison(job: Comparison) -> dict:
             row.status, row.reason = "skipped", reason
             continue
         job.progress(f"{row.cell}: running")
-        ref_key = json.dumps(manifest["reference"]["files"], sort_keys=True)
+        ref_key = reference_key(manifest)
         has_encoders = bool(manifest.get("encoders"))
-        if ref_key not in references or (has_encoders and ref_key not in encoder_references):
-            # The reference checkpoint, checked against the manifest as the torch backend does; whole (with its
-            # encoders) when the bundle carries encoders.
-            model = reference_model(bundle, manifest, whole=has_encoders)
-            references.setdefault(ref_key, FloatReference(model))
-            if hasattr(model, "language_model"):
-                encoder_references[ref_key] = EncoderReference(model)
         reference = references[ref_key]
-        # A whole model's bundle: the runtime's rows for the media vocabularies (embed_as_whole_model).
-        media_rows = None
-        if has_encoders:
-            from runtime_py.components.media import MediaTokenRows
-
-            media_rows = MediaTokenRows.from_file(bundle / manifest["encoders"]["media_token_embeddings"]["file"])
-        tokenizer = Tokenizer(bundle / manifest["tokenizer"]["file"])
-        prompt_ids = prompt_ids_for(job.prompt, tokenizer, manifest["tokenizer"]["bos_id"])
+        tokenizer, prompt_ids, media_rows = bundle_inputs(job, bundle, manifest)
         spec = manifest["export_spec"]
         ref_trace, ref_tokens = reference.trace(prompt_ids, job.steps, spec["cache_len"], spec["prefill_lengths"])
         if inputs is None:

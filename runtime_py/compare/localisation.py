@@ -62,7 +62,7 @@ def lookup_errors(executor, per_layer_rows, reference: FloatReference, ids: list
     embeds = np.concatenate([embed_as_whole_model(executor, c, media_rows) for c in chunks], axis=1)
     rows = np.concatenate([per_layer_rows(c) for c in chunks], axis=0)
     return {"token_embedding": relative_error(embeds, reference.embed(arr)),
-            "per_layer_embedding": relative_error(rows, reference.lookups.per_layer_rows(arr))}
+            "per_layer_embedding": relative_error(rows, reference.per_layer_rows(arr))}
 
 
 def localise_bundle(job, bundle: Path, manifest: dict, backend: str, reference: FloatReference,

@@ -106,9 +106,30 @@ class FloatReference:
         self.media_rows = MediaTokenRows.from_model(whole) if whole is not None else None
         self.lookups = FloatLookups(self.model)
         self._traces: dict = {}
+        self._lookups: dict = {}
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return embed_as_whole_model(self.lookups, ids, self.media_rows)
+        return self._lookup("embed", ids, lambda a: embed_as_whole_model(self.lookups, a, self.media_rows))
+
+    def per_layer_rows(self, ids: np.ndarray) -> np.ndarray:
+        return self._lookup("per_layer_rows", ids, lambda a: self.lookups.per_layer_rows(a))
+
+    def _lookup(self, kind: str, ids: np.ndarray, compute) -> np.ndarray:
+        ids = np.asarray(ids)
+        key = (kind, ids.shape, tuple(int(i) for i in ids.reshape(-1)))
+        if key not in self._lookups:
+            self._check_held(kind)
+            self._lookups[key] = compute(ids)
+        return self._lookups[key]
+
+    def release(self) -> None:
+        """Drops the model; what was computed stays answerable (at real size the reference and a backend would not
+        both fit in memory: E2B's reference is 15-19 GB)."""
+        self.model = self.lookups = None
+
+    def _check_held(self, what: str) -> None:
+        if self.model is None:
+            raise RuntimeError(f"the float reference was released before its {what} was computed")
 
     def trace(self, prompt_ids: list[int], steps: int, cache_len: int, prefill_lengths) -> tuple[Trace, list[int]]:
         from runtime_py.compare.debug_export import tapped_layers
@@ -116,6 +137,7 @@ class FloatReference:
 
         key = (tuple(prompt_ids), steps, cache_len, tuple(prefill_lengths))
         if key not in self._traces:
+            self._check_held("trace")
             executor = TorchExecutor(self.model, cache_len, tuple(prefill_lengths))
             with tapped_layers(self.model) as taps:
                 def layer_outputs():
@@ -143,9 +165,15 @@ class EncoderReference:
 
         key = (component, *(hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in inputs))
         if key not in self._outputs:
+            if self.encoders is None:
+                raise RuntimeError(f"the float encoders were released before their {component} output was computed")
             fn = self.encoders.image if component == "vision_encoder" else self.encoders.audio
             self._outputs[key] = fn(*inputs)
         return self._outputs[key]
+
+    def release(self) -> None:
+        """Drops the encoders; the outputs computed stay answerable."""
+        self.encoders = None
 
 
 def golden_media_inputs(bundle: Path, manifest: dict) -> list[tuple[str, str, int | None, tuple[np.ndarray, ...]]]:

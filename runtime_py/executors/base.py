@@ -8,6 +8,8 @@ are shared above it in the session, so every backend behaves the same.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import tempfile
 import threading
@@ -26,6 +28,15 @@ _quiet_lock, _quiet_depth, _saved_stderr = threading.Lock(), 0, None
 
 def runtime_log() -> Path:
     return Path(os.environ.get(RUNTIME_LOG_ENV) or Path(tempfile.gettempdir()) / f"g3n-runtime-{os.getuid()}.log")
+
+
+def release_freed_memory() -> None:
+    """Collects reference cycles and hands the freed heap back to the system (glibc keeps freed blocks of a few MB
+    resident: a loaded and dropped E2B Core ML program left 9.5 GB resident, 5.5 GB after malloc_trim)."""
+    gc.collect()
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager

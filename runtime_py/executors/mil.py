@@ -26,8 +26,6 @@ MilOpError naming the op and the function, never a silent skip.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import hashlib
 import math
 from pathlib import Path
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 
 from contract.bundle import COREML_WEIGHTS_DIR
 from models.errors import InputError
-from runtime_py.executors.base import native_output_to_log
+from runtime_py.executors.base import native_output_to_log, release_freed_memory
 
 PRECISIONS = ("fp16", "fp32")
 
@@ -546,15 +544,6 @@ class MilFunction:
             for name in dead:
                 del env[name]
         return {name: widened(env[name]).numpy() for name in self.outputs}
-
-
-def release_freed_memory():
-    """Collect the program's reference cycles and hand the freed heap back to the system: at E2B the loaded program's
-    weights, freed, stayed resident (9.5 GB, 5.5 GB after malloc_trim) in glibc's heap."""
-    gc.collect()
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "malloc_trim"):  # glibc only
-        libc.malloc_trim(0)
 
 
 class MilPackage:
