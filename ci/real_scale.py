@@ -11,7 +11,8 @@ LiteRT-LM engine (run_litert_cell), the same columns but the stock runner's (the
 our runtime's litertlm backend). Rows of cells not run this time are kept;
 --runs-only measures the run columns of cells already exported, keeping their export columns. --via bundle makes
 each cell with `g3n bundle` at the level whose scheme the cell names, for the cell's target (its export columns then
-include the golden vectors and the reference checkpoint's copy; its bytes are still the model files')."""
+include the golden vectors and the reference checkpoint's copy; its bytes are still the model files'), and each
+bundle cell is then held to its float reference by `g3n compare` (compare_cell)."""
 
 from __future__ import annotations
 
@@ -199,6 +200,32 @@ def run_coreml_cell(out: Path, row: dict, name: str, folder: Path) -> dict:
                   "run_peak_anon_mib": round(m["peak_anon_mib"])}
 
 
+def compare_cell(out: Path, row: dict, name: str, folder: Path) -> dict:
+    """A bundle cell's `g3n compare` against its float reference (the bundle's reference checkpoint) on the golden
+    prompt, 8 teacher-forced steps, in a fresh process, held to the limits measured at real size
+    (ci/thresholds-real.json, which compare picks for a real-size model): pass or the breaches, each backend's
+    decode cosine, its time and peak RSS."""
+    if not (folder / "manifest.json").is_file():
+        return row
+    report = out / f"{name}-compare"
+    shutil.rmtree(report, ignore_errors=True)
+    cmd = [sys.executable, "-m", "runtime_py.cli", "compare", "--bundle", str(folder), "--report", str(report),
+           "--localise", "never", "--steps", "8"]
+    print(f"{name}: g3n compare", file=sys.stderr, flush=True)
+    try:
+        m = run_measured(cmd, out / f"{name}.compare.log")
+        measured = {"compare_s": round(m["seconds"]), "compare_peak_rss_mib": round(m["peak_rss_mib"])}
+    except G3nError as e:  # exit 1 (a limit passed) still writes the report
+        measured = {"compare_error": str(e)}
+    if not (report / "report.json").is_file():
+        return row | {"compare": "failed"} | measured
+    result = json.loads((report / "report.json").read_text())
+    cosines = {r["cell"]: round(r["metrics"]["decoder.decode"]["cosine"], 3) for r in result["rows"]
+               if "cosine" in r.get("metrics", {}).get("decoder.decode", {})}
+    verdict = "pass" if result["passed"] else "FAIL: " + "; ".join(result["breaches"])
+    return row | {"compare": verdict, "compare_decode_cosine": cosines} | measured
+
+
 def stock_runner(pte: str, ptd: str, tokenizer: str) -> int:
     """Child: ExecuTorch's MultimodalRunner (the demo apps' runner) loads the files and prefills a short prompt;
     prints the share of the .ptd then resident."""
@@ -245,7 +272,7 @@ def main() -> int:
             row = export_cell(args.out, *cell, args.via)
         if row.get("status") == "ok":
             run = {"executorch": run_cell, "litert": run_litert_cell, "coreml": run_coreml_cell}[cell[1]]
-            row = run(args.out, row, name, files)
+            row = compare_cell(args.out, run(args.out, row, name, files), name, files)
         rows = [row if r is old else r for r in rows] if old is not None else rows + [row]
         write_table(rows, args.out / "real-scale")
     return 0

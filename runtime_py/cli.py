@@ -720,8 +720,12 @@ def cmd_compare(args) -> int:
         if args.write_thresholds.exists():
             raise InputError(f"--write-thresholds: {args.write_thresholds} already exists")
         thresholds = {"path": "(none: measuring for --write-thresholds)", "comment": "", "cells": {}}
-    else:
-        thresholds = compare.load_thresholds(args.thresholds or compare.DEFAULT_THRESHOLDS)
+    elif args.thresholds:
+        thresholds = compare.load_thresholds(args.thresholds)
+    else:  # a comparison of real-size bundles is held to the limits measured at real size
+        from contract.bundle import read_manifest
+
+        thresholds = compare.load_thresholds(compare.default_thresholds([read_manifest(b) for b in args.bundle or []]))
     targets = [t for t in args.targets.split(",") if t]
     levels = [q for q in args.quant.split(",") if q]
     if not args.bundle:

@@ -111,6 +111,23 @@ def test_a_bf16_models_reference_is_its_float32_copys_and_leaves_it_bf16(model):
     assert {t.dtype for t in bf16.parameters()} == {torch.bfloat16}
 
 
+def test_real_size_bundles_are_held_to_the_limits_measured_at_real_size():
+    """Bundles of a model of a billion parameters or more take ci/thresholds-real.json (measured on the E2B-shaped
+    bundles), smaller ones ci/thresholds.json; both in one comparison is one clear error."""
+    def manifest(total):
+        return {"model": {"parameters": {"total": total}}}
+
+    assert compare.default_thresholds([manifest(5_418_464_192)]) == compare.REAL_SCALE_THRESHOLDS
+    assert compare.default_thresholds([manifest(3_000_000), manifest(999_999_999)]) == compare.DEFAULT_THRESHOLDS
+    with pytest.raises(InputError, match="real-size and small models take different limits"):
+        compare.default_thresholds([manifest(5_418_464_192), manifest(3_000_000)])
+    real = compare.load_thresholds(compare.REAL_SCALE_THRESHOLDS)["cells"]
+    assert set(real) == {"litert/int4", "litertlm/int4", "executorch/int4", "coreml-mil/int4"}
+    # measured at real size: the int4 decoders' logits far from the float model's, the int8 encoders close to it
+    measured = real["coreml-mil/int4"]["measured"]
+    assert measured["decoder.decode"]["cosine"] < 0.5 < measured["vision_encoder"]["cosine"]
+
+
 # --- thresholds -------------------------------------------------------------------------------------------------------
 
 

@@ -460,7 +460,7 @@ def results_from(job: AndroidJob, prepared: dict, outputs: dict[str, str]) -> li
         golden_tokens = [int(t) for t in numerics.load_golden(job.bundle, job.manifest)["greedy_tokens"]]
         metrics = {"decoder.decode": _greedy_text(job, parsed.get("text") or "", golden_tokens)}
         results.append(entry("LiteRT-LM litert_lm_advanced_main", performance,
-                             numerics.numerics_entry(metrics, "litertlm", quant)))
+                             numerics.numerics_entry(metrics, "litertlm", quant, manifest=job.manifest)))
     signatures = [k.split(":", 1)[1] for k in outputs if k.startswith("benchmark_model:")]
     if signatures:
         per_signature, delegations = {}, {}

@@ -182,7 +182,8 @@ def iphone_result(job: IphoneJob, app: dict) -> dict:
                             "decode_tokens_per_s": len(app["decode_step_ms"]) / decode_s if decode_s else None,
                             "peak_memory_mb": {"value": app["peak_memory_mb"], "what": "phys_footprint (runner app)"},
                             "thermal_state": app["thermal_state"], **encoder_fields(job.manifest)},
-            "numerics": numerics.numerics_entry(metrics, "coreml", job.manifest["quantization"]["level"])}
+            "numerics": numerics.numerics_entry(metrics, "coreml", job.manifest["quantization"]["level"],
+                                                manifest=job.manifest)}
 
 
 def command_lines(plan: list[tuple[str, list[str]]]) -> list[str]:

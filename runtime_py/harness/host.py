@@ -189,7 +189,8 @@ def measure_session(session, load_s: float, bundle: Path, manifest: dict, backen
     measured = measure_encoders(runner, bundle, manifest, settings) if runner is not None else None
     performance["encoders"] = encoder_fields(manifest, measured, why=f"the {backend} session has no encoder runner")
     return {"performance": performance,
-            "numerics": numerics.numerics_entry(metrics, backend, manifest["quantization"]["level"], thresholds)}
+            "numerics": numerics.numerics_entry(metrics, backend, manifest["quantization"]["level"], thresholds,
+                                                manifest=manifest)}
 
 
 def measure_encoders(runner, bundle: Path, manifest: dict, settings: dict) -> dict:
@@ -319,7 +320,7 @@ def _measure_litertlm(bundle: Path, manifest: dict, settings: dict, thresholds) 
     metrics = {"decoder.decode": {"greedy": greedy["greedy"], "greedy_count": greedy["greedy_count"]}}
     return {"performance": perf,
             "numerics": numerics.numerics_entry(metrics, "litertlm", manifest["quantization"]["level"], thresholds,
-                                                note=compare.LITERTLM_NOTE)}
+                                                note=compare.LITERTLM_NOTE, manifest=manifest)}
 
 
 # --- where the ops run ---------------------------------------------------------------------------------------------

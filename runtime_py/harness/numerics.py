@@ -75,9 +75,14 @@ def position_metrics(reference: np.ndarray, got: np.ndarray) -> dict:
     return {**{k: float(v[0]) for k, v in per.items()}, "relative": compare.relative_error(got, reference)}
 
 
-def limits_for(backend: str, quant: str, thresholds_path: Path | None = None) -> tuple[dict, str]:
-    """(limits {component: {metric: limit}}, where they come from) for the cell <backend>/<quant>."""
-    path = Path(thresholds_path) if thresholds_path else compare.DEFAULT_THRESHOLDS
+def limits_for(backend: str, quant: str, thresholds_path: Path | None = None,
+               manifest: dict | None = None) -> tuple[dict, str]:
+    """(limits {component: {metric: limit}}, where they come from) for the cell <backend>/<quant>. Without a
+    thresholds file, the bundle's (manifest): g3n compare's limits for its model's size (compare.default_thresholds)."""
+    if thresholds_path:
+        path = Path(thresholds_path)
+    else:
+        path = compare.default_thresholds([manifest]) if manifest else compare.DEFAULT_THRESHOLDS
     cell = f"{backend}/{quant}"
     if path.is_file():
         cells = compare.load_thresholds(path)["cells"]
@@ -98,8 +103,8 @@ def check(metrics: dict[str, dict], limits: dict) -> list[str]:
 
 
 def numerics_entry(metrics: dict, backend: str, quant: str, thresholds_path: Path | None = None,
-                   note: str = "") -> dict:
-    limits, source = limits_for(backend, quant, thresholds_path)
+                   note: str = "", manifest: dict | None = None) -> dict:
+    limits, source = limits_for(backend, quant, thresholds_path, manifest)
     breaches = check(metrics, limits)
     return {"reference": "golden.safetensors (float model: last prefill position + 8 teacher-forced decode steps)",
             "metrics": metrics, "limits": limits, "limits_source": source, "breaches": breaches,
