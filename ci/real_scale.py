@@ -220,10 +220,10 @@ def compare_cell(out: Path, row: dict, name: str, folder: Path) -> dict:
     if not (report / "report.json").is_file():
         return row | {"compare": "failed"} | measured
     result = json.loads((report / "report.json").read_text())
-    cosines = {r["cell"]: round(r["metrics"]["decoder.decode"]["cosine"], 3) for r in result["rows"]
-               if "cosine" in r.get("metrics", {}).get("decoder.decode", {})}
+    cosines = [f"{r['cell']} {r['metrics']['decoder.decode']['cosine']:.3f}" for r in result["rows"]
+               if "cosine" in r.get("metrics", {}).get("decoder.decode", {})]
     verdict = "pass" if result["passed"] else "FAIL: " + "; ".join(result["breaches"])
-    return row | {"compare": verdict, "compare_decode_cosine": cosines} | measured
+    return row | {"compare": verdict, "compare_decode_cosine": ", ".join(cosines)} | measured
 
 
 def stock_runner(pte: str, ptd: str, tokenizer: str) -> int:
