@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: ci/thresholds.json)")
     p.add_argument("--prompt", help="prompt text, sent as one chat turn (default: the bundles' golden prompt)")
     p.add_argument("--steps", type=int, default=16, help="decode steps compared after the prefill")
-    p.add_argument("--localise", choices=["breach", "always", "never"], default="breach",
-                   help="when to find the first divergent layer with a debug export (default: for failing rows)")
+    p.add_argument("--localise", choices=["breach", "always", "never"],
+                   help="when to find the first divergent layer with a debug export (default: for failing rows; "
+                        "never under the real-size limits, where the float model is dropped before the backends run)")
     p.add_argument("--write-thresholds", type=Path,
                    help="measure only (no limits checked) and write limits derived from this run to this file")
     p = sub.add_parser("bench", help="speed against the field, side by side in one run: every row a ratio against "
@@ -726,6 +727,10 @@ def cmd_compare(args) -> int:
         from contract.bundle import read_manifest
 
         thresholds = compare.load_thresholds(compare.default_thresholds([read_manifest(b) for b in args.bundle or []]))
+    # A real-size model's reference and a backend do not both fit in memory (E2B: 15-19 GB and up to 14 GB), and a
+    # debug export needs the reference: under the real-size limits nothing is localised unless asked for.
+    real_size = Path(thresholds["path"]).resolve() == compare.REAL_SCALE_THRESHOLDS.resolve()
+    localise = args.localise or ("never" if real_size else "breach")
     targets = [t for t in args.targets.split(",") if t]
     levels = [q for q in args.quant.split(",") if q]
     if not args.bundle:
@@ -740,7 +745,7 @@ def cmd_compare(args) -> int:
             status.update(f"comparing: {message}")
 
         job = compare.Comparison(bundles=list(args.bundle or []), thresholds=thresholds, prompt=prompt,
-                                 steps=args.steps, localise=args.localise, debug_dir=tmp / "debug", progress=progress,
+                                 steps=args.steps, localise=localise, debug_dir=tmp / "debug", progress=progress,
                                  enforce=args.write_thresholds is None)
         if not args.bundle:
             job.source = str(args.checkpoint) if args.checkpoint else _load(args)[1]

@@ -304,6 +304,19 @@ def test_a_breach_exits_1_naming_the_cell_and_localises(android_bundle, tmp_path
     assert "FAIL: decoder.decode max_abs" in out and "first divergent stage: per_layer_embedding" in out
 
 
+def test_under_the_real_size_limits_a_breach_is_not_localised_unless_asked(android_bundle, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A real-size reference and a backend do not both fit in memory, and localising needs the reference: with the
+    real-size limits file, --localise defaults to never (the row says the breach, and nothing is exported)."""
+    limits = _write(tmp_path, {"cells": {"litert/none": {"decoder.decode": {"max_abs": 1e-9}}, "litertlm/none": {}}})
+    monkeypatch.setattr(compare, "REAL_SCALE_THRESHOLDS", limits)
+    code, _, err = _run(capsys, "compare", "--bundle", android_bundle, "--report", tmp_path / "r", "--steps", 2,
+                        "--thresholds", limits)
+    assert code == 1 and "threshold exceeded: litert/none decoder.decode max_abs" in err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["rows"][0]["localisation"] is None and not (tmp_path / "r" / "debug").exists()
+
+
 def test_missing_cell_and_bad_flags_are_one_error_line(android_bundle, tmp_path, capsys):
     path = _write(tmp_path, {"cells": {"litert/none": {}}})
     code, _, err = _run(capsys, "compare", "--bundle", android_bundle, "--report", tmp_path / "r", "--thresholds", path)
