@@ -251,7 +251,8 @@ def prepared_references(job: Comparison, planned) -> tuple[dict[str, FloatRefere
         spec = manifest["export_spec"]
         _, ref_tokens = reference.trace(prompt_ids, job.steps, spec["cache_len"], spec["prefill_lengths"])
         ids = np.asarray(prompt_ids + ref_tokens[:-1], dtype=np.int64)
-        reference.embed(ids), reference.per_layer_rows(ids)
+        reference.embed(ids)
+        reference.per_layer_rows(ids)
         if has_encoders and backend in ENCODER_BACKENDS:
             for component, _, _, args in golden_media_inputs(bundle, manifest):
                 encoder_references[ref_key].run(component, *args)
